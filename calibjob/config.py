@@ -1,0 +1,166 @@
+"""The job's parameters: the paper's defaults, job-spec (TOML) loading, validation, fingerprint.
+
+This module is the one place the paper's numbers live (besides the job specs in `jobs/`).
+Field names are the spec's CLI names with dashes turned into underscores, so a job spec,
+a CLI flag and the store's saved config all speak the same words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SD3_MEDIUM = "argmaxinc/mlx-stable-diffusion-3-medium"
+TINY = "tiny"
+
+
+class ConfigError(ValueError):
+    """A bad job parameter; the CLI prints it as one line and exits non-zero."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Every parameter of a calibration job. Defaults are the paper's (TaQ-DiT, Sec. IV-A)."""
+
+    model_version: str = SD3_MEDIUM
+    num_fid_samples: int = 256  # trajectories
+    num_sampling_steps: int = 100
+    num_selected_steps: int = 25
+    latent_size: tuple[int, int] = (32, 32)  # 256x256 pixels
+    cfg_scale: float = 1.5
+    prompt_file: str = "prompts/sample_prompts.txt"
+    seed: int = 0
+    shift: float = 3.0  # SD3's own schedule (DiffusionPipeline's class default 1.0 is not SD3's)
+    batch_size: int = 0  # trajectories of one prompt per model call; 0 = choose for the device
+    dtype: str = "auto"  # activation/weight dtype; auto = float32 on CPU, float16 on a GPU
+    low_memory_mode: bool = True  # free the text encoders before denoising
+    local_ckpt: str | None = None
+    prompts: tuple[str, ...] = field(default=())  # filled from prompt_file by `resolve`
+
+    def validate(self) -> JobConfig:
+        """Raise ConfigError for values no run could use; return self for chaining."""
+        if self.num_fid_samples < 1:
+            raise ConfigError("--num-fid-samples must be at least 1")
+        if self.num_sampling_steps < 1:
+            raise ConfigError("--num-sampling-steps must be at least 1")
+        if not 1 <= self.num_selected_steps <= self.num_sampling_steps:
+            raise ConfigError(
+                f"--num-selected-steps must be between 1 and --num-sampling-steps "
+                f"({self.num_sampling_steps}), got {self.num_selected_steps}"
+            )
+        h, w = self.latent_size
+        if h < 2 or w < 2 or h % 2 or w % 2:
+            raise ConfigError(
+                f"--latent-size must be two even numbers (MMDiT patches are 2x2), got {h} {w}"
+            )
+        if self.cfg_scale <= 1.0:
+            raise ConfigError(f"--cfg-scale must be above 1.0 (CFG is always on), got {self.cfg_scale}")
+        if self.shift <= 0:
+            raise ConfigError(f"--shift must be positive, got {self.shift}")
+        if self.batch_size < 0:
+            raise ConfigError(f"--batch-size must be 0 (auto) or positive, got {self.batch_size}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be non-negative, got {self.seed}")
+        return self
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["latent_size"] = list(self.latent_size)
+        d["prompts"] = list(self.prompts)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JobConfig:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown job field(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "latent_size" in d:
+            ls = d["latent_size"]
+            if not isinstance(ls, list | tuple) or len(ls) != 2:
+                raise ConfigError(f"latent_size must be two integers, got {ls!r}")
+            d["latent_size"] = (int(ls[0]), int(ls[1]))
+        if "prompts" in d:
+            d["prompts"] = tuple(d["prompts"])
+        for f in dataclasses.fields(cls):
+            if f.name in d and f.type in ("int", "float") and d[f.name] is not None:
+                try:
+                    d[f.name] = int(d[f.name]) if f.type == "int" else float(d[f.name])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{f.name} must be a number, got {d[f.name]!r}") from None
+        return cls(**d)
+
+    def replace(self, **changes) -> JobConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Fields that change the data a job produces; two stores can be merged only if these agree.
+# (low_memory_mode, prompt_file and local_ckpt change how, not what: the prompts' text is compared.)
+IDENTITY_FIELDS = (
+    "model_version",
+    "num_fid_samples",
+    "num_sampling_steps",
+    "num_selected_steps",
+    "latent_size",
+    "cfg_scale",
+    "seed",
+    "shift",
+    "batch_size",
+    "dtype",
+    "prompts",
+)
+
+
+def identity(cfg: JobConfig) -> dict:
+    """The data-defining part of a config, as plain JSON types."""
+    d = cfg.to_dict()
+    return {k: d[k] for k in IDENTITY_FIELDS}
+
+
+def fingerprint(cfg: JobConfig) -> str:
+    """A short hash of the data-defining fields: equal fingerprints, interchangeable data."""
+    blob = json.dumps(identity(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def differing_fields(a: JobConfig, b: JobConfig) -> list[str]:
+    """Names of the data-defining fields where a and b disagree."""
+    ia, ib = identity(a), identity(b)
+    return [k for k in IDENTITY_FIELDS if ia[k] != ib[k]]
+
+
+def load_job_file(path: str | Path) -> dict:
+    """Read a job spec (TOML) into a dict of fields; unknown fields are refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job spec not found: {path}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"job spec {path} is not valid TOML: {e}") from None
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(JobConfig)} - {"prompts"})
+    if unknown or "prompts" in data:
+        bad = unknown + (["prompts"] if "prompts" in data else [])
+        raise ConfigError(f"unknown job field(s) in {path}: {', '.join(bad)}")
+    return data
+
+
+def resolve_prompt_path(prompt_file: str) -> Path:
+    """A prompt file as given, else relative to the project root (for the shipped prompts)."""
+    p = Path(prompt_file)
+    if p.exists() or p.is_absolute():
+        return p
+    q = PROJECT_ROOT / p
+    return q if q.exists() else p

@@ -1,0 +1,76 @@
+"""Real SD3 weights through DiffusionKit's own loaders (CLIP-L, CLIP-G, T5-XXL, MMDiT, VAE).
+
+The hub may be unreachable, the repository gated, or the weights elsewhere on disk: every such
+case becomes one ModelUnavailable error that says what to do.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from diffusionkit.mlx import MMDIT_CKPT, T5_MAX_LENGTH, model_io
+from diffusionkit.mlx.mmdit import MMDiT
+
+from calibjob.models.text import TextEncoders, make_t5_safe
+
+SD3_KEYS = tuple(k for k in MMDIT_CKPT if "stable-diffusion-3" in k)
+
+
+class ModelUnavailable(RuntimeError):
+    """The weights cannot be had; the message says how to get them."""
+
+
+def _fetching(what: str, key: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # hub errors come in many classes (offline, gated, 404, OSError)
+        raise ModelUnavailable(
+            f"cannot load the {what} of {key} ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
+            f"Log in with `huggingface-cli login` on a machine with network and accept the model's "
+            f"licence, or pass --local-ckpt PATH to a local checkpoint (.safetensors)."
+        ) from None
+
+
+def _prepare(key: str, local_ckpt: str | None, dtype: mx.Dtype) -> None:
+    if key not in SD3_KEYS:
+        raise ModelUnavailable(f"unknown model {key!r}: choose tiny or one of {', '.join(SD3_KEYS)}")
+    model_io.LOCAl_SD3_CKPT = local_ckpt
+    model_io._FLOAT16 = mx.float16 if dtype == mx.float16 else mx.bfloat16
+
+
+def load_mmdit(key: str, dtype: mx.Dtype, local_ckpt: str | None = None) -> MMDiT:
+    """The real MMDiT, with DiffusionKit's low-memory SDPA flag off (MLX >= 0.24.2 rejects it)."""
+    _prepare(key, local_ckpt, dtype)
+    float16 = dtype != mx.float32
+    return _fetching(
+        "MMDiT", key, model_io.load_mmdit, key=key, float16=float16, model_key=key,
+        low_memory_mode=False,
+    )
+
+
+def load_text_encoders(key: str, dtype: mx.Dtype) -> TextEncoders:
+    """CLIP-L, CLIP-G and T5-XXL with their tokenizers, T5 made safe for many prompts."""
+    _prepare(key, None, dtype)
+    float16 = dtype != mx.float32
+    base = model_io._DEFAULT_MODEL
+    clip_l = _fetching("CLIP-L", base, model_io.load_text_encoder, base, float16, model_key="clip_l")
+    tok_l = _fetching(
+        "CLIP-L tokenizer", base, model_io.load_tokenizer, base,
+        merges_key="tokenizer_l_merges", vocab_key="tokenizer_l_vocab", pad_with_eos=True,
+    )
+    clip_g = _fetching("CLIP-G", base, model_io.load_text_encoder, base, float16, model_key="clip_g")
+    tok_g = _fetching(
+        "CLIP-G tokenizer", base, model_io.load_tokenizer, base,
+        merges_key="tokenizer_g_merges", vocab_key="tokenizer_g_vocab", pad_with_eos=False,
+    )
+    t5 = _fetching("T5-XXL", base, model_io.load_t5_encoder, float16=float16, low_memory_mode=False)
+    t5_tok = _fetching(
+        "T5 tokenizer", base, model_io.load_t5_tokenizer, max_context_length=T5_MAX_LENGTH[key]
+    )
+    return TextEncoders(clip_l, tok_l, clip_g, tok_g, make_t5_safe(t5), t5_tok, token_dim=4096)
+
+
+def load_vae_decoder(key: str, dtype: mx.Dtype, local_ckpt: str | None = None):
+    _prepare(key, local_ckpt, dtype)
+    return _fetching(
+        "VAE decoder", key, model_io.load_vae_decoder, key=key, float16=dtype != mx.float32
+    )

@@ -1,0 +1,297 @@
+"""The job's Zarr store: the only thing workers share.
+
+Layout (Zarr v3, one store per job):
+
+    attrs["calibjob"]   config, fingerprint, package versions; "encoded" once cs is written
+    cs        (P, 2, L, D)       text conditioning, [prompt, empty negative], written once
+    cs_pooled (P, 2, Dp)
+    sigmas    (S+1,)  float32    the Euler schedule (last is 0)
+    ts        (S,)               model timesteps, in the dtype the model saw
+    xs        (N, S, H, W, C)    float32, one chunk per trajectory, crc32c-checked
+    done      (N,)    uint8      1 once trajectory k's chunk is durable (written after it)
+    progress/<i>-of-<n>          attrs: one shard's throughput, for `status`
+
+Crash safety: Zarr's LocalStore writes each chunk to a temporary file and renames it, so a chunk
+is whole or absent; we fsync the chunk files before writing their done markers, so a marker
+never points at data a power cut could lose. A corrupt chunk fails its crc32c on read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import zarr
+from filelock import FileLock
+from zarr.codecs import BytesCodec, Crc32cCodec
+
+from calibjob.config import ConfigError, JobConfig, differing_fields, fingerprint
+
+FORMAT = "calibjob-store/1"
+LOCK_NAME = ".calibjob.lock"
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked; printed as one line by the CLI."""
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("calibjob", "mlx", "diffusionkit", "zarr", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Store:
+    """An opened job store."""
+
+    path: Path
+    root: zarr.Group
+    config: JobConfig
+
+    # ---- opening -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_path(path: Path) -> None:
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"store path {path} is a regular file, not a store folder")
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r+") -> Store:
+        """Open an existing store (its config comes from the store itself)."""
+        p = Path(path)
+        cls._check_path(p)
+        if not (p / "zarr.json").is_file():
+            raise StoreError(f"no calibjob store at {p}")
+        try:
+            root = zarr.open_group(str(p), mode=mode)
+            meta = root.attrs["calibjob"]
+        except (KeyError, ValueError, json.JSONDecodeError) as e:
+            raise StoreError(f"{p} is not a calibjob store ({type(e).__name__})") from None
+        if meta.get("format") != FORMAT:
+            raise StoreError(f"{p} has store format {meta.get('format')!r}, expected {FORMAT}")
+        return cls(p, root, JobConfig.from_dict(meta["config"]))
+
+    @classmethod
+    def create_or_open(cls, path: str | Path, config: JobConfig) -> Store:
+        """Create the store for `config`, or open it if it holds the same job.
+
+        Under the store's lock, so shards started at the same moment agree on one creator.
+        A store of a different job is refused, naming the fields that differ.
+        """
+        p = Path(path)
+        cls._check_path(p)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store folder {p}: {e.strerror}") from None
+        with cls.lock(p):
+            if (p / "zarr.json").is_file():
+                store = cls.open(p)
+                diff = differing_fields(store.config, config)
+                if diff:
+                    details = ", ".join(
+                        f"{k}: store has {_short(store.config.to_dict()[k])}, "
+                        f"asked {_short(config.to_dict()[k])}"
+                        for k in diff
+                    )
+                    raise StoreError(f"{p} holds a different job ({details})")
+                return store
+            return cls._create(p, config)
+
+    @classmethod
+    def _create(cls, p: Path, config: JobConfig) -> Store:
+        n, s = config.num_fid_samples, config.num_sampling_steps
+        h, w = config.latent_size
+        root = zarr.open_group(str(p), mode="w")
+        root.create_array(
+            "xs",
+            shape=(n, s, h, w, 16),
+            chunks=(1, s, h, w, 16),
+            dtype="float32",
+            serializer=BytesCodec(),
+            compressors=[Crc32cCodec()],
+            fill_value=0.0,
+        )
+        root.create_array(
+            "done", shape=(n,), chunks=(1,), dtype="uint8", compressors=[Crc32cCodec()], fill_value=0
+        )
+        root.create_group("progress")
+        # attrs last: a folder without them is not a store yet, and is simply recreated
+        root.attrs["calibjob"] = {
+            "format": FORMAT,
+            "config": config.to_dict(),
+            "fingerprint": fingerprint(config),
+            "versions": package_versions(),
+            "created": time.time(),
+            "encoded": False,
+        }
+        return cls(p, root, config)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def lock(p: Path) -> Iterator[None]:
+        """The store's inter-process lock (an OS file lock inside the store folder)."""
+        with FileLock(str(p / LOCK_NAME)):
+            yield
+
+    # ---- metadata ------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict:
+        return self.root.attrs["calibjob"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def encoded(self) -> bool:
+        return bool(self.meta.get("encoded"))
+
+    def reload(self) -> Store:
+        return Store.open(self.path)
+
+    # ---- conditioning (written once) -----------------------------------------------------
+
+    def write_conditioning(
+        self, cs: np.ndarray, cs_pooled: np.ndarray, sigmas: np.ndarray, ts: np.ndarray
+    ) -> None:
+        """Write cs, cs_pooled, sigmas, ts, make them durable, then flag the store encoded."""
+        for name, arr in (("cs", cs), ("cs_pooled", cs_pooled), ("sigmas", sigmas), ("ts", ts)):
+            a = self.root.create_array(
+                name,
+                shape=arr.shape,
+                chunks=(1, *arr.shape[1:]) if name.startswith("cs") else arr.shape,
+                dtype=arr.dtype,
+                compressors=[Crc32cCodec()],
+                overwrite=True,
+            )
+            a[...] = arr
+            self._fsync_tree(self.path / name)
+        meta = dict(self.meta)
+        meta["encoded"] = True
+        self.root.attrs["calibjob"] = meta
+
+    def conditioning(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.root["cs"][...], self.root["cs_pooled"][...]
+
+    def schedule(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.root["sigmas"][...], self.root["ts"][...]
+
+    # ---- trajectories --------------------------------------------------------------------
+
+    def done_mask(self) -> np.ndarray:
+        return self.root["done"][...].astype(bool)
+
+    def write_trajectories(self, trajectories: tuple[int, ...] | list[int], xs: np.ndarray) -> None:
+        """Write one unit: its chunks, fsync them, then their done markers (in that order)."""
+        arr = self.root["xs"]
+        for k, x in zip(trajectories, xs, strict=True):
+            self._remove_partials(k)
+            arr[k] = x
+        for k in trajectories:
+            self._fsync_tree(self._chunk_dir(k))
+        done = self.root["done"]
+        for k in trajectories:
+            done[k] = 1
+        for k in trajectories:
+            self._fsync_tree(self.path / "done" / "c" / str(k), recurse=False)
+
+    def read_trajectory(self, k: int) -> np.ndarray:
+        """(S, H, W, C) float32; raises if the chunk is missing or fails its checksum."""
+        if not self._chunk_file(k).is_file():
+            raise StoreError(f"trajectory {k} is marked done but its chunk is missing")
+        return self.root["xs"][k]
+
+    def verify_done(self, trajectories: list[int]) -> list[int]:
+        """Re-read done trajectories; clear and return those whose chunk is missing or corrupt."""
+        bad = []
+        mask = self.done_mask()
+        for k in trajectories:
+            if not mask[k]:
+                continue
+            try:
+                x = self.read_trajectory(k)
+                if not np.isfinite(x).all():
+                    raise StoreError(f"trajectory {k} holds NaN or Inf")
+            except Exception:
+                bad.append(k)
+        if bad:
+            done = self.root["done"]
+            for k in bad:
+                done[k] = 0
+        return bad
+
+    def _chunk_dir(self, k: int) -> Path:
+        return self.path / "xs" / "c" / str(k)
+
+    def _chunk_file(self, k: int) -> Path:
+        return self._chunk_dir(k) / "0" / "0" / "0" / "0"
+
+    def _remove_partials(self, k: int) -> None:
+        """Temporary files a killed writer left for trajectory k (only its shard writes there)."""
+        d = self._chunk_file(k).parent
+        if d.is_dir():
+            for f in d.glob("*.partial"):
+                f.unlink(missing_ok=True)
+
+    def _fsync_tree(self, d: Path, recurse: bool = True) -> None:
+        if not d.exists():
+            return
+        if d.is_file():
+            _fsync_path(d)
+            return
+        for f in d.rglob("*") if recurse else d.iterdir():
+            if f.is_file():
+                _fsync_path(f)
+        for sub in [d, *(x for x in d.rglob("*") if x.is_dir())] if recurse else [d]:
+            _fsync_path(sub)
+
+    # ---- progress (one small group per shard) ---------------------------------------------
+
+    def record_progress(self, shard: str, info: dict) -> None:
+        name = shard.replace("/", "-of-")
+        grp = self.root.require_group(f"progress/{name}")
+        grp.attrs.update({**info, "shard": shard, "updated": time.time()})
+
+    def progress(self) -> dict[str, dict]:
+        out = {}
+        if "progress" not in self.root:
+            return out
+        for name, grp in self.root["progress"].groups():
+            out[grp.attrs.get("shard", name)] = dict(grp.attrs)
+        return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def check_same_job(stores: list[Store]) -> None:
+    """Refuse a set of stores that are not the same job."""
+    first = stores[0]
+    for s in stores[1:]:
+        if s.fingerprint != first.fingerprint:
+            diff = differing_fields(first.config, s.config)
+            raise ConfigError(
+                f"{s.path} is a different job from {first.path} (differs in: {', '.join(diff)})"
+            )
