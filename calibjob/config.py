@@ -14,13 +14,27 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calibjob.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SD3_MEDIUM = "argmaxinc/mlx-stable-diffusion-3-medium"
 TINY = "tiny"
+# DiffusionKit's SD3 keys (its MMDIT_CKPT), spelled here so the CLI need not import it
+SD3_KEYS = (
+    SD3_MEDIUM,
+    "argmaxinc/mlx-stable-diffusion-3.5-large",
+    "argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized",
+)
+MODEL_ALIASES = {"sd3-medium": SD3_MEDIUM, "sd3": SD3_MEDIUM}
 
 
-class ConfigError(ValueError):
-    """A bad job parameter; the CLI prints it as one line and exits non-zero."""
+def canonical_model(name: str) -> str:
+    """'sd3-medium' -> DiffusionKit's key; 'tiny' stays; anything else must be an SD3 key."""
+    key = MODEL_ALIASES.get(name, name)
+    if key != TINY and key not in SD3_KEYS:
+        choices = ", ".join([TINY, *MODEL_ALIASES, *SD3_KEYS])
+        raise ConfigError(f"unknown --model-version {name!r}; choose one of: {choices}")
+    return key
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,7 @@ class JobConfig:
 
     def validate(self) -> JobConfig:
         """Raise ConfigError for values no run could use; return self for chaining."""
+        canonical_model(self.model_version)
         if self.num_fid_samples < 1:
             raise ConfigError("--num-fid-samples must be at least 1")
         if self.num_sampling_steps < 1:

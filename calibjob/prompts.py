@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calibjob.config import ConfigError, resolve_prompt_path
+from calibjob.config import resolve_prompt_path
+from calibjob.errors import ConfigError
 
 
 def read_prompts(path: str | Path) -> tuple[str, ...]:

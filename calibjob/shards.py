@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from calibjob.config import ConfigError
+from calibjob.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,11 @@ import zarr
 from filelock import FileLock
 from zarr.codecs import BytesCodec, Crc32cCodec
 
-from calibjob.config import ConfigError, JobConfig, differing_fields, fingerprint
+from calibjob.config import JobConfig, differing_fields, fingerprint
+from calibjob.errors import ConfigError, StoreError
 
 FORMAT = "calibjob-store/1"
 LOCK_NAME = ".calibjob.lock"
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be used as asked; printed as one line by the CLI."""
 
 
 def package_versions() -> dict[str, str]:

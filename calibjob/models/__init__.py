@@ -28,26 +28,15 @@ with warnings.catch_warnings():
     from diffusionkit.mlx.mmdit import MMDiT
     from diffusionkit.mlx.sampler import ModelSamplingDiscreteFlow
 
-from calibjob.config import SD3_MEDIUM, TINY, ConfigError
-from calibjob.models.sd3 import SD3_KEYS, ModelUnavailable
+from calibjob.config import TINY, canonical_model
+from calibjob.errors import ModelUnavailable
 from calibjob.models.text import TextEncoders
 
 for _name in ("diffusionkit", "diffusionkit.mlx", "diffusionkit.mlx.mmdit", "argmaxtools"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retries are not our message
 
-ALIASES = {"sd3-medium": SD3_MEDIUM, "sd3": SD3_MEDIUM}
-LATENT_CHANNELS = 16
-
-__all__ = ["Model", "ModelUnavailable", "load", "canonical_name", "ALIASES"]
-
-
-def canonical_name(name: str) -> str:
-    """'sd3-medium' -> DiffusionKit's key; 'tiny' stays; anything else must be an SD3 key."""
-    key = ALIASES.get(name, name)
-    if key != TINY and key not in SD3_KEYS:
-        choices = ", ".join([TINY, *ALIASES, *SD3_KEYS])
-        raise ConfigError(f"unknown --model-version {name!r}; choose one of: {choices}")
-    return key
+__all__ = ["Model", "ModelUnavailable", "load"]
 
 
 @dataclass
@@ -108,7 +97,7 @@ def load(
     text_encoders: bool = True,
 ) -> Model:
     """Load a backend by name ('tiny', 'sd3-medium' or a DiffusionKit SD3 key)."""
-    key = canonical_name(name)
+    key = canonical_model(name)
     dtype = device.resolve_dtype(dtype)
     device.warn_reference_blas()
     mdt = device.mx_dtype(dtype)

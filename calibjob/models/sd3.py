@@ -7,16 +7,12 @@ case becomes one ModelUnavailable error that says what to do.
 from __future__ import annotations
 
 import mlx.core as mx
-from diffusionkit.mlx import MMDIT_CKPT, T5_MAX_LENGTH, model_io
+from diffusionkit.mlx import T5_MAX_LENGTH, model_io
 from diffusionkit.mlx.mmdit import MMDiT
 
+from calibjob.config import SD3_KEYS
+from calibjob.errors import ModelUnavailable
 from calibjob.models.text import TextEncoders, make_t5_safe
-
-SD3_KEYS = tuple(k for k in MMDIT_CKPT if "stable-diffusion-3" in k)
-
-
-class ModelUnavailable(RuntimeError):
-    """The weights cannot be had; the message says how to get them."""
 
 
 def _fetching(what: str, key: str, fn, *args, **kwargs):

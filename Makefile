@@ -1,0 +1,56 @@
+# calibjob: install, run and test. Works on Linux x86_64 (CPU or NVIDIA) and macOS arm64.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+UNAME  := $(shell uname -s)
+MODEL  ?= tiny
+OUT    ?= out
+
+# MLX backend: mlx[cpu] on Linux (default) or mlx[cuda13] with `make install MLX=cuda`;
+# plain mlx (Metal) on macOS. torch is only imported by DiffusionKit's helper package:
+# on Linux take the CPU build (this machine kind keeps torch 2.13.0 on disk).
+ifeq ($(UNAME),Darwin)
+  MLX   ?=
+  TORCH ?= torch
+else
+  MLX   ?= cpu
+  TORCH ?= torch==2.13.0
+endif
+comma  := ,
+EXTRAS := dev$(if $(MLX),$(comma)$(MLX))
+
+.PHONY: install dry-run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@if [ "$(UNAME)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas.so.0; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing OpenBLAS (MLX CPU runs ~30x faster with it)"; \
+	    (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null; \
+	  else echo "note: no OpenBLAS and no root: MLX CPU will use the slow reference BLAS"; fi; fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	@# DiffusionKit pins mlx==0.17.3 (macOS-only, no CUDA): install it and its helper without
+	@# their pins; pyproject.toml lists the packages their code really imports.
+	$(BIN)/pip install -q --no-deps diffusionkit==0.5.2 argmaxtools==0.1.23
+	touch $@
+
+dry-run: install
+	rm -rf $(OUT)/dry-run.zarr $(OUT)/dry_run_cali.npz
+	mkdir -p $(OUT)
+	$(BIN)/calibjob run --job jobs/dry-run.toml --model-version $(MODEL) --store $(OUT)/dry-run.zarr --shard 0/2
+	$(BIN)/calibjob run --job jobs/dry-run.toml --model-version $(MODEL) --store $(OUT)/dry-run.zarr --shard 1/2
+	$(BIN)/calibjob status $(OUT)/dry-run.zarr
+	$(BIN)/calibjob merge $(OUT)/dry-run.zarr -o $(OUT)/dry_run_cali.npz
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,282 @@
+"""One worker process: open or create the store, encode the prompts once, work through a shard.
+
+Takes a resolved JobConfig, a store path and a Shard; gives a store where that shard's work
+units are done. Units already done (and whose chunks verify) are skipped, so `run` after a
+crash, `resume` and a second machine on the same store all do only what is left. The previous
+unit is written by a background thread while the next one computes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from calibjob.config import JobConfig
+from calibjob.errors import ConfigError, StoreError
+from calibjob.prompts import read_prompts
+from calibjob.shards import ALL, Shard, Unit, work_units
+from calibjob.store import Store
+
+err = Console(stderr=True)
+
+
+@dataclass
+class RunResult:
+    units_total: int
+    units_run: int
+    trajectories_run: int
+    recomputed: list[int]
+    seconds: float
+    traj_steps_per_s: float
+
+
+def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobConfig:
+    """Fill in what the command line leaves open: the prompts (from the prompt file), and
+    'auto' dtype and batch size (the existing store's choice, else the device's)."""
+    from calibjob.config import canonical_model
+
+    cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
+    if not cfg.prompts:
+        cfg = cfg.replace(prompts=read_prompts(cfg.prompt_file))
+    cfg.validate()
+    existing = None
+    if store_path is not None and (Path(store_path) / "zarr.json").is_file():
+        existing = Store.open(store_path).config
+    if cfg.dtype == "auto" and existing is not None:
+        cfg = cfg.replace(dtype=existing.dtype)
+    if cfg.batch_size == 0 and existing is not None:
+        cfg = cfg.replace(batch_size=existing.batch_size)
+    if cfg.dtype == "auto" or cfg.batch_size == 0:
+        from calibjob import device
+
+        per_prompt = -(-cfg.num_fid_samples // len(cfg.prompts))
+        cfg = cfg.replace(
+            dtype=device.resolve_dtype(cfg.dtype),
+            batch_size=device.resolve_batch_size(cfg.batch_size, per_prompt),
+        )
+    return cfg
+
+
+def units_for(cfg: JobConfig) -> list[Unit]:
+    return work_units(cfg.num_fid_samples, len(cfg.prompts), cfg.batch_size)
+
+
+def pending_units(store: Store, shard: Shard) -> tuple[list[Unit], list[int]]:
+    """The shard's units with any trajectory not done; verifies done chunks (clearing bad ones)."""
+    mine = shard.units(units_for(store.config))
+    recomputed = store.verify_done([k for u in mine for k in u.trajectories])
+    done = store.done_mask()
+    return [u for u in mine if not done[list(u.trajectories)].all()], recomputed
+
+
+def ensure_encoded(store: Store, model) -> None:
+    """Encode all prompts once per store: the first process under the lock does it, the others
+    wait on the lock and then find it done."""
+    with Store.lock(store.path):
+        fresh = store.reload()
+        if fresh.encoded:
+            return
+        cfg = store.config
+        cs, cs_pooled = model.encode(cfg.prompts)
+        sigmas, ts = model.schedule(cfg.num_sampling_steps)
+        store.write_conditioning(cs, cs_pooled, sigmas, ts)
+
+
+class _Writer:
+    """Writes finished units on a background thread (one in flight), so the model never waits
+    on the disk; errors surface in the main thread on the next submit or at close."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.q: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            unit, xs, after = item
+            if self.error is None:
+                try:
+                    self.store.write_trajectories(unit.trajectories, xs)
+                    after(unit)
+                except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
+                    self.error = e
+
+    def _check(self) -> None:
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StoreError(
+                    f"disk full while writing {self.store.path} ({e.strerror}); the store is "
+                    f"consistent: free some space and run `calibjob resume {self.store.path}`"
+                ) from None
+            raise e
+
+    def submit(self, unit: Unit, xs: np.ndarray, after) -> None:
+        self._check()
+        self.q.put((unit, xs, after))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self._check()
+
+
+def run_shard(
+    cfg: JobConfig,
+    store_path: str | Path,
+    shard: Shard = ALL,
+    *,
+    show_progress: bool | None = None,
+    compile: bool = False,
+) -> RunResult:
+    """Run shard `shard` of the job `cfg` (resolved) into the store at `store_path`."""
+    t0 = time.perf_counter()
+    fresh = not (Path(store_path) / "zarr.json").exists()
+    store = Store.create_or_open(store_path, cfg)
+    all_units = units_for(store.config)
+    todo, recomputed = pending_units(store, shard)
+    if recomputed:
+        err.print(f"calibjob: trajectories {fmt_ranges(recomputed)} failed verification; recomputing")
+    if not todo:
+        if not store.encoded:  # a shard with no units still leaves the conditioning in place
+            _load_and_encode(store)
+        return RunResult(len(all_units), 0, 0, recomputed, time.perf_counter() - t0, 0.0)
+
+    from calibjob import models
+    from calibjob.engine import Engine
+
+    cfg = store.config
+    try:
+        model = models.load(
+            cfg.model_version,
+            shift=cfg.shift,
+            dtype=cfg.dtype,
+            local_ckpt=cfg.local_ckpt,
+            text_encoders=not store.encoded,
+        )
+    except BaseException:
+        if fresh and not store.reload().encoded:  # leave no empty store behind
+            shutil.rmtree(store.path, ignore_errors=True)
+        raise
+    if not store.encoded:
+        ensure_encoded(store, model)
+    if cfg.low_memory_mode:
+        model.free_text_encoders()
+    store = store.reload()
+    cs, cs_pooled = store.conditioning()
+    engine = Engine(
+        model,
+        num_steps=cfg.num_sampling_steps,
+        cfg_scale=cfg.cfg_scale,
+        latent_size=cfg.latent_size,
+        seed=cfg.seed,
+        compile=compile,
+    )
+    _, ts = store.schedule()
+    if not np.array_equal(ts, engine.timesteps_np):
+        raise StoreError("the store's timesteps differ from this DiffusionKit's schedule")
+
+    n_traj = sum(len(u.trajectories) for u in todo)
+    steps_total = n_traj * cfg.num_sampling_steps
+    shard_name = str(shard)
+    stats = {"units_done": 0, "traj_done": 0, "t_start": time.perf_counter()}
+
+    def after_write(unit: Unit) -> None:
+        stats["units_done"] += 1
+        stats["traj_done"] += len(unit.trajectories)
+        elapsed = time.perf_counter() - stats["t_start"]
+        store.record_progress(
+            shard_name,
+            {
+                "traj_steps_per_s": stats["traj_done"] * cfg.num_sampling_steps / max(elapsed, 1e-9),
+                "units_left": len(todo) - stats["units_done"],
+                "pid": os.getpid(),
+            },
+        )
+
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+    progress = Progress(
+        TextColumn("[bold]shard {task.fields[shard]}"),
+        BarColumn(),
+        TextColumn("{task.fields[traj]}/{task.fields[ntraj]} trajectories"),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TextColumn("{task.fields[rate]} steps/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not show,
+    )
+    writer = _Writer(store)
+    with progress:
+        task = progress.add_task("run", total=steps_total, shard=shard_name, traj=0, ntraj=n_traj, rate="-")
+        t_loop = time.perf_counter()
+        done_steps = 0
+        try:
+            for unit in todo:
+                def on_step(b: int) -> None:
+                    nonlocal done_steps
+                    done_steps += b
+                    rate = done_steps / max(time.perf_counter() - t_loop, 1e-9)
+                    progress.update(task, advance=b, rate=f"{rate:.1f}")
+
+                xs, _ = engine.run_unit(
+                    unit.prompt, unit.trajectories, cs[unit.prompt], cs_pooled[unit.prompt], on_step
+                )
+                writer.submit(unit, xs, after_write)
+                progress.update(task, traj=stats["traj_done"] + len(unit.trajectories))
+        finally:
+            writer.close()
+        engine.release_prompt()
+    seconds = time.perf_counter() - t0
+    return RunResult(
+        len(all_units), len(todo), n_traj, recomputed, seconds, steps_total / max(seconds, 1e-9)
+    )
+
+
+def _load_and_encode(store: Store) -> None:
+    from calibjob import models
+
+    cfg = store.config
+    model = models.load(cfg.model_version, shift=cfg.shift, dtype=cfg.dtype, local_ckpt=cfg.local_ckpt)
+    ensure_encoded(store, model)
+
+
+def fmt_ranges(ks) -> str:
+    """[0,1,2,5,7,8] -> '0-2, 5, 7-8' (for messages about many trajectories)."""
+    ks = sorted(int(k) for k in ks)
+    out, i = [], 0
+    while i < len(ks):
+        j = i
+        while j + 1 < len(ks) and ks[j + 1] == ks[j] + 1:
+            j += 1
+        out.append(str(ks[i]) if i == j else f"{ks[i]}-{ks[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+__all__ = ["ConfigError", "RunResult", "resolve_config", "run_shard", "fmt_ranges", "pending_units"]
