@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from calibjob.errors import ConfigError
 
@@ -74,13 +75,17 @@ class JobConfig:
                 f"--latent-size must be two even numbers (MMDiT patches are 2x2), got {h} {w}"
             )
         if self.cfg_scale <= 1.0:
-            raise ConfigError(f"--cfg-scale must be above 1.0 (CFG is always on), got {self.cfg_scale}")
+            raise ConfigError(
+                f"--cfg-scale must be above 1.0 (CFG is always on), got {self.cfg_scale}"
+            )
         if self.shift <= 0:
             raise ConfigError(f"--shift must be positive, got {self.shift}")
         if self.batch_size < 0:
             raise ConfigError(f"--batch-size must be 0 (auto) or positive, got {self.batch_size}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ConfigError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype}")
+            raise ConfigError(
+                f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype}"
+            )
         if self.seed < 0:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}")
         return self

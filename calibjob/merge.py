@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calibjob.errors import ConfigError
+from calibjob.errors import ConfigError, StoreError
 from calibjob.selection import select_steps, shuffle_order
-from calibjob.errors import StoreError
 from calibjob.store import Store, check_same_job
 
 ROWS_PER_WRITE = 256
@@ -96,9 +95,10 @@ def merge(
         try:
             selected[k] = stores[owner[k]].read_trajectory(k)[sel]
         except Exception as e:
+            where = stores[owner[k]].path
             raise StoreError(
-                f"trajectory {k} in {stores[owner[k]].path} is unreadable or corrupt "
-                f"({type(e).__name__}); run `calibjob resume {stores[owner[k]].path}` to recompute it"
+                f"trajectory {k} in {where} is unreadable or corrupt ({type(e).__name__}); "
+                f"run `calibjob resume {where}` to recompute it"
             ) from None
         if on_trajectory is not None:
             on_trajectory()

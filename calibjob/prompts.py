@@ -19,7 +19,9 @@ def read_prompts(path: str | Path) -> tuple[str, ...]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"prompt file {path} is not UTF-8 (byte {e.start})") from None
     prompts = [
-        line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
     ]
     if not prompts:
         raise ConfigError(f"prompt file {path} has no prompts")

@@ -7,12 +7,12 @@ purpose: no batching, no reuse, exactly PHASE1's `x_cali_list.append(x)` before 
 
 from __future__ import annotations
 
-import calibjob.device  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
 import numpy as np
 from diffusionkit.mlx import CFGDenoiser, DiffusionPipeline, to_d
 from mlx.utils import tree_flatten
 
+import calibjob.device  # noqa: F401  (OpenBLAS before MLX)
 from calibjob.models import Model
 
 
@@ -61,7 +61,9 @@ def spec_trajectory(
     for i in range(num_steps):
         x_cali.append(np.array(x[0]))  # collect BEFORE the model call
         t_cali.append(np.array(timesteps[i]))
-        denoised = denoiser(x, timesteps[i], sigmas[i], conditioning=conditioning, cfg_weight=cfg_scale)
+        denoised = denoiser(
+            x, timesteps[i], sigmas[i], conditioning=conditioning, cfg_weight=cfg_scale
+        )
         d = to_d(x, sigmas[i], denoised)
         x = x + d * (sigmas[i + 1] - sigmas[i])
         mx.eval(x)

@@ -19,7 +19,9 @@ def select_steps(num_steps: int, num_selected: int, method: str = "linspace") ->
         return np.linspace(0, num_steps - 1, num_selected, dtype=int)
     if method == "stride":
         return np.arange(0, num_steps, num_steps // num_selected)[:num_selected]
-    raise ValueError(f"unknown step selection {method!r} (choose from {', '.join(STEP_SELECTIONS)})")
+    raise ValueError(
+        f"unknown step selection {method!r} (choose from {', '.join(STEP_SELECTIONS)})"
+    )
 
 
 def shuffle_order(num_points: int, seed: int) -> np.ndarray:
@@ -27,7 +29,9 @@ def shuffle_order(num_points: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_points)
 
 
-def initial_noise(seed: int, trajectory: int, latent_size: tuple[int, int], channels: int) -> np.ndarray:
+def initial_noise(
+    seed: int, trajectory: int, latent_size: tuple[int, int], channels: int
+) -> np.ndarray:
     """Trajectory k's starting noise, (H, W, C) float32.
 
     DiffusionKit's convention (`np.random.seed(seed + k)`, `randn` in NCHW, transposed to NHWC),

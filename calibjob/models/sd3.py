@@ -19,8 +19,9 @@ def _fetching(what: str, key: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # hub errors come in many classes (offline, gated, 404, OSError)
+        why = str(e).splitlines()[0][:160] if str(e) else ""
         raise ModelUnavailable(
-            f"cannot load the {what} of {key} ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
+            f"cannot load the {what} of {key} ({type(e).__name__}: {why}). "
             f"Log in with `huggingface-cli login` on a machine with network and accept the model's "
             f"licence, or pass --local-ckpt PATH to a local checkpoint (.safetensors)."
         ) from None
@@ -28,7 +29,9 @@ def _fetching(what: str, key: str, fn, *args, **kwargs):
 
 def _prepare(key: str, local_ckpt: str | None, dtype: mx.Dtype) -> None:
     if key not in SD3_KEYS:
-        raise ModelUnavailable(f"unknown model {key!r}: choose tiny or one of {', '.join(SD3_KEYS)}")
+        raise ModelUnavailable(
+            f"unknown model {key!r}: choose tiny or one of {', '.join(SD3_KEYS)}"
+        )
     model_io.LOCAl_SD3_CKPT = local_ckpt
     model_io._FLOAT16 = mx.float16 if dtype == mx.float16 else mx.bfloat16
 
@@ -38,7 +41,12 @@ def load_mmdit(key: str, dtype: mx.Dtype, local_ckpt: str | None = None) -> MMDi
     _prepare(key, local_ckpt, dtype)
     float16 = dtype != mx.float32
     return _fetching(
-        "MMDiT", key, model_io.load_mmdit, key=key, float16=float16, model_key=key,
+        "MMDiT",
+        key,
+        model_io.load_mmdit,
+        key=key,
+        float16=float16,
+        model_key=key,
         low_memory_mode=False,
     )
 
@@ -48,15 +56,29 @@ def load_text_encoders(key: str, dtype: mx.Dtype) -> TextEncoders:
     _prepare(key, None, dtype)
     float16 = dtype != mx.float32
     base = model_io._DEFAULT_MODEL
-    clip_l = _fetching("CLIP-L", base, model_io.load_text_encoder, base, float16, model_key="clip_l")
-    tok_l = _fetching(
-        "CLIP-L tokenizer", base, model_io.load_tokenizer, base,
-        merges_key="tokenizer_l_merges", vocab_key="tokenizer_l_vocab", pad_with_eos=True,
+    clip_l = _fetching(
+        "CLIP-L", base, model_io.load_text_encoder, base, float16, model_key="clip_l"
     )
-    clip_g = _fetching("CLIP-G", base, model_io.load_text_encoder, base, float16, model_key="clip_g")
+    tok_l = _fetching(
+        "CLIP-L tokenizer",
+        base,
+        model_io.load_tokenizer,
+        base,
+        merges_key="tokenizer_l_merges",
+        vocab_key="tokenizer_l_vocab",
+        pad_with_eos=True,
+    )
+    clip_g = _fetching(
+        "CLIP-G", base, model_io.load_text_encoder, base, float16, model_key="clip_g"
+    )
     tok_g = _fetching(
-        "CLIP-G tokenizer", base, model_io.load_tokenizer, base,
-        merges_key="tokenizer_g_merges", vocab_key="tokenizer_g_vocab", pad_with_eos=False,
+        "CLIP-G tokenizer",
+        base,
+        model_io.load_tokenizer,
+        base,
+        merges_key="tokenizer_g_merges",
+        vocab_key="tokenizer_g_vocab",
+        pad_with_eos=False,
     )
     t5 = _fetching("T5-XXL", base, model_io.load_t5_encoder, float16=float16, low_memory_mode=False)
     t5_tok = _fetching(

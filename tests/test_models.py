@@ -1,0 +1,79 @@
+"""Model backends: the tiny model's encoders and MMDiT, and SD3's missing-weights error."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import PROMPTS, cli
+
+from calibjob.models import Model, load, tiny
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return load("tiny")
+
+
+def test_load_gives_diffusionkits_own_classes(model):
+    from diffusionkit.mlx.mmdit import MMDiT
+    from diffusionkit.mlx.sampler import ModelSamplingDiscreteFlow
+
+    assert isinstance(model.mmdit, MMDiT)
+    assert isinstance(model.sampler, ModelSamplingDiscreteFlow)
+    assert model.sampler.shift == 3.0
+    assert model.dtype == "float32"  # CPU
+
+
+def test_encode_shapes_and_negative_prompt(model):
+    cs, pooled = model.encode(PROMPTS)
+    assert cs.shape == (3, 2, tiny.CLIP_LEN + tiny.T5_LEN, tiny.TOKEN_DIM)
+    assert pooled.shape == (3, 2, tiny.POOLED_DIM)
+    assert cs.dtype == np.float32 and pooled.dtype == np.float32
+    # index 1 is the empty negative prompt: the same for every prompt; index 0 differs
+    assert np.array_equal(cs[0, 1], cs[2, 1]) and np.array_equal(pooled[0, 1], pooled[1, 1])
+    assert not np.allclose(cs[0, 0], cs[1, 0])
+
+
+def test_third_prompt_equals_a_fresh_encoder_alone(model):
+    """Trap 1: DiffusionKit's T5 in low_memory_mode drops its layers after the first call,
+    so later prompts silently get a wrong embedding. Prompt 2 after 0 and 1 must equal what
+    a freshly built encoder gives for it alone, T5 part included."""
+    cs, pooled = model.encode(PROMPTS)
+    fresh = tiny.build_text_encoders()
+    cs2, pooled2 = fresh.encode([PROMPTS[2]])
+    assert np.array_equal(cs[2], cs2[0]) and np.array_equal(pooled[2], pooled2[0])
+    t5_part = cs[2, 0, tiny.CLIP_LEN :]
+    assert np.abs(t5_part).max() > 0  # the T5 tokens are really there
+
+
+def test_tiny_weights_are_the_same_every_build():
+    a, b = tiny.build_mmdit(), tiny.build_mmdit()
+    from mlx.utils import tree_flatten
+
+    for (ka, va), (kb, vb) in zip(
+        tree_flatten(a.parameters()), tree_flatten(b.parameters()), strict=True
+    ):
+        assert ka == kb and np.array_equal(np.array(va), np.array(vb))
+
+
+def test_schedule_is_diffusionkits(model):
+    from diffusionkit.mlx import DiffusionPipeline
+
+    sigmas, ts = model.schedule(10)
+    ref = np.array(DiffusionPipeline.get_sigmas(None, model.sampler, 10))
+    assert np.array_equal(sigmas, ref) and sigmas[-1] == 0 and sigmas[0] == 1.0
+    assert np.allclose(ts, sigmas[:10] * 1000)
+
+
+def test_sd3_without_weights_is_one_clear_error(tmp_path):
+    store = tmp_path / "s.zarr"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = cli("run", "--job", "jobs/dry-run.toml", "--store", str(store), check=False, env=env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("calibjob: error: cannot load")
+    assert "--local-ckpt" in proc.stderr
+    assert not store.exists()  # nothing half-made left behind
