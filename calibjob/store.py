@@ -14,6 +14,10 @@ Layout (Zarr v3, one store per job):
 Crash safety: Zarr's LocalStore writes each chunk to a temporary file and renames it, so a chunk
 is whole or absent; we fsync the chunk files before writing their done markers, so a marker
 never points at data a power cut could lose. A corrupt chunk fails its crc32c on read.
+
+A store's location is a folder or a URL (s3://bucket/prefix/job.zarr, ...). Object stores
+need no fsync (a PUT is whole or absent, and durable once it returns) and take their lock from
+conditional writes: calibjob/remote.py. Everything else here is the same for both.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from filelock import FileLock
 from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.sync import sync
 
+from calibjob import remote
 from calibjob.config import JobConfig, differing_fields, fingerprint
 from calibjob.errors import ConfigError, StoreError
 
@@ -57,34 +64,64 @@ def _fsync_path(path: Path) -> None:
 
 @dataclass
 class Store:
-    """An opened job store."""
+    """An opened job store: its location (a folder or a URL), root group and job config."""
 
-    path: Path
+    location: str
     root: zarr.Group
     config: JobConfig
+
+    @property
+    def is_local(self) -> bool:
+        return not remote.is_url(self.location)
+
+    @property
+    def path(self) -> Path | str:
+        """The folder (a Path) for a local store, the URL (a str) for a remote one."""
+        return Path(self.location) if self.is_local else self.location
 
     # ---- opening -------------------------------------------------------------------------
 
     @staticmethod
-    def _check_path(path: Path) -> None:
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"store path {path} is a regular file, not a store folder")
+    def _check_path(location: str) -> None:
+        p = Path(location)
+        if not remote.is_url(location) and p.exists() and not p.is_dir():
+            raise StoreError(f"store path {p} is a regular file, not a store folder")
+
+    @staticmethod
+    def _target(location: str, mode: str) -> Any:
+        """What zarr.open_group takes: the folder, or a Zarr store object for a URL."""
+        if remote.is_url(location):
+            return remote.zarr_store(location, read_only=mode == "r")
+        return location
+
+    @classmethod
+    def exists(cls, path: str | Path) -> bool:
+        """Whether a Zarr group is at `path` (a calibjob store or not)."""
+        loc = remote.normalize(path)
+        if not remote.is_url(loc):
+            return (Path(loc) / "zarr.json").is_file()
+        try:
+            return bool(sync(cls._target(loc, "r").exists("zarr.json")))
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001  (no bucket, no credentials, no network...)
+            raise StoreError(f"cannot read {loc}: {type(e).__name__}: {e}") from None
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r+") -> Store:
         """Open an existing store (its config comes from the store itself)."""
-        p = Path(path)
-        cls._check_path(p)
-        if not (p / "zarr.json").is_file():
-            raise StoreError(f"no calibjob store at {p}")
+        loc = remote.normalize(path)
+        cls._check_path(loc)
+        if not cls.exists(loc):
+            raise StoreError(f"no calibjob store at {loc}")
         try:
-            root = zarr.open_group(str(p), mode=mode)
+            root = zarr.open_group(cls._target(loc, mode), mode=mode)
             meta = root.attrs["calibjob"]
         except (KeyError, ValueError, json.JSONDecodeError) as e:
-            raise StoreError(f"{p} is not a calibjob store ({type(e).__name__})") from None
+            raise StoreError(f"{loc} is not a calibjob store ({type(e).__name__})") from None
         if meta.get("format") != FORMAT:
-            raise StoreError(f"{p} has store format {meta.get('format')!r}, expected {FORMAT}")
-        return cls(p, root, JobConfig.from_dict(meta["config"]))
+            raise StoreError(f"{loc} has store format {meta.get('format')!r}, expected {FORMAT}")
+        return cls(loc, root, JobConfig.from_dict(meta["config"]))
 
     @classmethod
     def create_or_open(cls, path: str | Path, config: JobConfig) -> Store:
@@ -93,15 +130,16 @@ class Store:
         Under the store's lock, so shards started at the same moment agree on one creator.
         A store of a different job is refused, naming the fields that differ.
         """
-        p = Path(path)
-        cls._check_path(p)
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot create store folder {p}: {e.strerror}") from None
-        with cls.lock(p):
-            if (p / "zarr.json").is_file():
-                store = cls.open(p)
+        loc = remote.normalize(path)
+        cls._check_path(loc)
+        if not remote.is_url(loc):
+            try:
+                Path(loc).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create store folder {loc}: {e.strerror}") from None
+        with cls.lock(loc):
+            if cls.exists(loc):
+                store = cls.open(loc)
                 diff = differing_fields(store.config, config)
                 if diff:
                     details = ", ".join(
@@ -109,15 +147,16 @@ class Store:
                         f"asked {_short(config.to_dict()[k])}"
                         for k in diff
                     )
-                    raise StoreError(f"{p} holds a different job ({details})")
+                    raise StoreError(f"{loc} holds a different job ({details})")
                 return store
-            return cls._create(p, config)
+            return cls._create(loc, config)
 
     @classmethod
-    def _create(cls, p: Path, config: JobConfig) -> Store:
+    def _create(cls, loc: str, config: JobConfig) -> Store:
         n, s = config.num_fid_samples, config.num_sampling_steps
         h, w = config.latent_size
-        root = zarr.open_group(str(p), mode="w")
+        # mode "a", not "w": "w" empties the folder or prefix first, lock and logs included
+        root = zarr.open_group(cls._target(loc, "a"), mode="a")
         root.create_array(
             "xs",
             shape=(n, s, h, w, 16),
@@ -126,11 +165,18 @@ class Store:
             serializer=BytesCodec(),
             compressors=[Crc32cCodec()],
             fill_value=0.0,
+            overwrite=True,
         )
         root.create_array(
-            "done", shape=(n,), chunks=(1,), dtype="uint8", compressors=[Crc32cCodec()], fill_value=0
+            "done",
+            shape=(n,),
+            chunks=(1,),
+            dtype="uint8",
+            compressors=[Crc32cCodec()],
+            fill_value=0,
+            overwrite=True,
         )
-        root.create_group("progress")
+        root.create_group("progress", overwrite=True)
         # attrs last: a folder without them is not a store yet, and is simply recreated
         root.attrs["calibjob"] = {
             "format": FORMAT,
@@ -140,14 +186,20 @@ class Store:
             "created": time.time(),
             "encoded": False,
         }
-        return cls(p, root, config)
+        return cls(loc, root, config)
 
     @staticmethod
     @contextlib.contextmanager
-    def lock(p: Path) -> Iterator[None]:
-        """The store's inter-process lock (an OS file lock inside the store folder)."""
-        with FileLock(str(p / LOCK_NAME)):
-            yield
+    def lock(path: str | Path) -> Iterator[None]:
+        """The store's inter-process lock: an OS file lock in the folder, or a lock object
+        next to a remote store's objects (remote.ObjectLock)."""
+        loc = remote.normalize(path)
+        if remote.is_url(loc):
+            with remote.ObjectLock(loc, LOCK_NAME):
+                yield
+        else:
+            with FileLock(str(Path(loc) / LOCK_NAME)):
+                yield
 
     # ---- metadata ------------------------------------------------------------------------
 
@@ -164,7 +216,7 @@ class Store:
         return bool(self.meta.get("encoded"))
 
     def reload(self) -> Store:
-        return Store.open(self.path)
+        return Store.open(self.location)
 
     # ---- conditioning (written once) -----------------------------------------------------
 
@@ -182,7 +234,7 @@ class Store:
                 overwrite=True,
             )
             a[...] = arr
-            self._fsync_tree(self.path / name)
+            self._fsync_tree(name)
         meta = dict(self.meta)
         meta["encoded"] = True
         self.root.attrs["calibjob"] = meta
@@ -205,16 +257,16 @@ class Store:
             self._remove_partials(k)
             arr[k] = x
         for k in trajectories:
-            self._fsync_tree(self._chunk_dir(k))
+            self._fsync_tree(f"xs/c/{k}")
         done = self.root["done"]
         for k in trajectories:
             done[k] = 1
         for k in trajectories:
-            self._fsync_tree(self.path / "done" / "c" / str(k), recurse=False)
+            self._fsync_tree(f"done/c/{k}", recurse=False)
 
     def read_trajectory(self, k: int) -> np.ndarray:
         """(S, H, W, C) float32; raises if the chunk is missing or fails its checksum."""
-        if not self._chunk_file(k).is_file():
+        if not sync(self.root.store.exists(_chunk_key(k))):
             raise StoreError(f"trajectory {k} is marked done but its chunk is missing")
         return self.root["xs"][k]
 
@@ -237,20 +289,21 @@ class Store:
                 done[k] = 0
         return bad
 
-    def _chunk_dir(self, k: int) -> Path:
-        return self.path / "xs" / "c" / str(k)
-
-    def _chunk_file(self, k: int) -> Path:
-        return self._chunk_dir(k) / "0" / "0" / "0" / "0"
-
     def _remove_partials(self, k: int) -> None:
-        """Temporary files a killed writer left for trajectory k (only its shard writes there)."""
-        d = self._chunk_file(k).parent
+        """Temporary files a killed writer left for trajectory k (only its shard writes there).
+        Local only: an object store has no half-written objects."""
+        if not self.is_local:
+            return
+        d = (Path(self.location) / _chunk_key(k)).parent
         if d.is_dir():
             for f in d.glob("*.partial"):
                 f.unlink(missing_ok=True)
 
-    def _fsync_tree(self, d: Path, recurse: bool = True) -> None:
+    def _fsync_tree(self, key: str, recurse: bool = True) -> None:
+        """fsync the files and folders under `key` (local stores; a PUT is already durable)."""
+        if not self.is_local:
+            return
+        d = Path(self.location) / key
         if not d.exists():
             return
         if d.is_file():
@@ -276,6 +329,33 @@ class Store:
         for name, grp in self.root["progress"].groups():
             out[grp.attrs.get("shard", name)] = dict(grp.attrs)
         return out
+
+
+def _ensure_arrays(root: zarr.Group, config: JobConfig) -> None:
+    """Create the trajectory arrays and the progress group where they are missing."""
+    n, s = config.num_fid_samples, config.num_sampling_steps
+    h, w = config.latent_size
+    if "xs" not in root:
+        root.create_array(
+            "xs",
+            shape=(n, s, h, w, 16),
+            chunks=(1, s, h, w, 16),
+            dtype="float32",
+            serializer=BytesCodec(),
+            compressors=[Crc32cCodec()],
+            fill_value=0.0,
+        )
+    if "done" not in root:
+        root.create_array(
+            "done", shape=(n,), chunks=(1,), dtype="uint8", compressors=[Crc32cCodec()], fill_value=0
+        )
+    if "progress" not in root:
+        root.create_group("progress")
+
+
+def _chunk_key(k: int) -> str:
+    """Trajectory k's one chunk of xs (Zarr v3 default chunk keys, '/' separated)."""
+    return f"xs/c/{k}/0/0/0/0"
 
 
 def _short(v) -> str:
