@@ -41,8 +41,10 @@ def spec_trajectory(
     num_steps: int,
     cfg_scale: float,
     latent_size: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray]:
-    """One trajectory, the spec's way. Returns xs (S, H, W, C) and ts (S,)."""
+    return_final: bool = False,
+):
+    """One trajectory, the spec's way. Returns xs (S, H, W, C) and ts (S,), and with
+    return_final the denoised latent after the last step (H, W, C)."""
     pipe = _Pipeline(model)
     denoiser = CFGDenoiser(pipe)
     sampler = model.sampler
@@ -72,4 +74,5 @@ def spec_trajectory(
     model.mmdit.clear_modulation_params_cache()
     if hasattr(model.mmdit, "to_offload"):
         del model.mmdit.to_offload
-    return np.stack(x_cali).astype(np.float32), np.array(t_cali)
+    xs, ts = np.stack(x_cali).astype(np.float32), np.array(t_cali)
+    return (xs, ts, np.array(x[0])) if return_final else (xs, ts)

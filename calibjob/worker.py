@@ -96,8 +96,11 @@ def ensure_encoded(store: Store, model) -> None:
             return
         cfg = store.config
         cs, cs_pooled = model.encode(cfg.prompts)
+        # stored as the model sees them (the engine casts to the activation dtype): float16 on
+        # a GPU halves the paper's cs to 193 MB; numpy has no bfloat16, which stays float32
+        dt = np.float16 if cfg.dtype == "float16" else np.float32
         sigmas, ts = model.schedule(cfg.num_sampling_steps)
-        store.write_conditioning(cs, cs_pooled, sigmas, ts)
+        store.write_conditioning(cs.astype(dt), cs_pooled.astype(dt), sigmas, ts)
 
 
 class _Writer:
@@ -159,7 +162,9 @@ def run_shard(
     all_units = units_for(store.config)
     todo, recomputed = pending_units(store, shard)
     if recomputed:
-        err.print(f"calibjob: trajectories {fmt_ranges(recomputed)} failed verification; recomputing")
+        err.print(
+            f"calibjob: trajectories {fmt_ranges(recomputed)} failed verification; recomputing"
+        )
     if not todo:
         if not store.encoded:  # a shard with no units still leaves the conditioning in place
             _load_and_encode(store)
@@ -211,7 +216,9 @@ def run_shard(
         store.record_progress(
             shard_name,
             {
-                "traj_steps_per_s": stats["traj_done"] * cfg.num_sampling_steps / max(elapsed, 1e-9),
+                "traj_steps_per_s": stats["traj_done"]
+                * cfg.num_sampling_steps
+                / max(elapsed, 1e-9),
                 "units_left": len(todo) - stats["units_done"],
                 "pid": os.getpid(),
             },
@@ -233,11 +240,14 @@ def run_shard(
     )
     writer = _Writer(store)
     with progress:
-        task = progress.add_task("run", total=steps_total, shard=shard_name, traj=0, ntraj=n_traj, rate="-")
+        task = progress.add_task(
+            "run", total=steps_total, shard=shard_name, traj=0, ntraj=n_traj, rate="-"
+        )
         t_loop = time.perf_counter()
         done_steps = 0
         try:
             for unit in todo:
+
                 def on_step(b: int) -> None:
                     nonlocal done_steps
                     done_steps += b
@@ -262,7 +272,9 @@ def _load_and_encode(store: Store) -> None:
     from calibjob import models
 
     cfg = store.config
-    model = models.load(cfg.model_version, shift=cfg.shift, dtype=cfg.dtype, local_ckpt=cfg.local_ckpt)
+    model = models.load(
+        cfg.model_version, shift=cfg.shift, dtype=cfg.dtype, local_ckpt=cfg.local_ckpt
+    )
     ensure_encoded(store, model)
 
 

@@ -96,7 +96,10 @@ def test_stride_selection(baseline, tmp_path):
 
 def test_three_shards_started_together_equal_one(baseline, prompt_file, tmp_path):
     store = tmp_path / "three.zarr"
-    procs = [popen("run", *flags(prompt_file), "--store", str(store), "--shard", f"{i}/3") for i in range(3)]
+    procs = [
+        popen("run", *flags(prompt_file), "--store", str(store), "--shard", f"{i}/3")
+        for i in range(3)
+    ]
     for p in procs:
         _, errout = p.communicate(timeout=300)
         assert p.returncode == 0, errout
@@ -177,7 +180,9 @@ def test_run_on_a_store_of_another_job_refuses_and_names_fields(baseline, prompt
     store = tmp_path / "same.zarr"
     shutil.copytree(baseline[0], store)
     before = tree_digest(store)
-    proc = cli("run", *flags(prompt_file, seed=8, **{"cfg-scale": 2.0}), "--store", str(store), check=False)
+    proc = cli(
+        "run", *flags(prompt_file, seed=8, **{"cfg-scale": 2.0}), "--store", str(store), check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "seed" in proc.stderr and "cfg_scale" in proc.stderr
     assert tree_digest(store) == before
@@ -263,13 +268,17 @@ def small_disk(tmp_path):
     """A real 4 MiB filesystem (tmpfs), enough for the conditioning and about two trajectories."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+    )
     assert r.returncode == 0, f"cannot mount a tmpfs for the full-disk test: {r.stderr.decode()}"
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_keeps_the_store_consistent_and_resumable(baseline, prompt_file, small_disk, tmp_path):
+def test_full_disk_keeps_the_store_consistent_and_resumable(
+    baseline, prompt_file, small_disk, tmp_path
+):
     store = small_disk / "full.zarr"
     proc = cli("run", *flags(prompt_file, **{"batch-size": 1}), "--store", str(store), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -306,9 +315,10 @@ def test_paper_numbers_merge_to_6400_points(tmp_path):
         st.write_trajectories(ks, rng.standard_normal((32, 100, 2, 2, 16), dtype=np.float32))
     d = load_npz(merge(tmp_path / "paper.zarr", tmp_path / "paper.npz"))
     assert d["xs"].shape == (6400, 2, 2, 16) and d["ts"].shape == (6400,)
-    assert sorted(set(d["step_indices"].tolist())) == [0, *range(4, 97, 4), 99][:25] or len(
-        set(d["step_indices"].tolist())
-    ) == 25
+    assert (
+        sorted(set(d["step_indices"].tolist())) == [0, *range(4, 97, 4), 99][:25]
+        or len(set(d["step_indices"].tolist())) == 25
+    )
     assert np.array_equal(np.unique(d["step_indices"]), np.linspace(0, 99, 25, dtype=int))
     assert np.bincount(d["trajectory_indices"]).tolist() == [25] * 256
     assert np.bincount(d["prompt_indices"]).tolist() == [25 * 13] * 16 + [25 * 12] * 4
