@@ -41,13 +41,14 @@ class Status:
         return self.done == self.total
 
 
-def store_status(store: Store) -> Status:
+def store_status(store: Store, shards: list[str] | tuple[str, ...] = ()) -> Status:
+    """`shards`: shard names to show even before they report (e.g. those `launch` started)."""
     cfg = store.config
     units = work_units(cfg.num_fid_samples, len(cfg.prompts), cfg.batch_size)
     done = store.done_mask()
     progress = store.progress()
     specs: list[Shard] = []
-    for name in sorted(progress):
+    for name in sorted(set(progress) | set(shards), key=_shard_order):
         try:
             specs.append(parse_shard(name))
         except Exception:  # noqa: BLE001  (a record we cannot read is just not shown)
@@ -70,3 +71,9 @@ def store_status(store: Store) -> Status:
     left_steps = len(missing) * cfg.num_sampling_steps
     eta = left_steps / rate if rate > 0 else None
     return Status(int(done.sum()), len(done), missing, rows, rate, eta, store.encoded)
+
+
+def _shard_order(name: str) -> tuple:
+    """'2/10' before '10/10': by count, then index; names that are not i/n last."""
+    i, _, n = name.partition("/")
+    return (0, int(n), int(i)) if i.isdigit() and n.isdigit() else (1, 0, 0, name)

@@ -2,7 +2,8 @@
 
 Layout (Zarr v3, one store per job):
 
-    attrs["calibjob"]   config, fingerprint, package versions; "encoded" once cs is written
+    job/      attrs["calibjob"]: config, fingerprint, package versions (a leaf group)
+    encoded/  a leaf group, created once cs, cs_pooled, sigmas and ts are durable
     cs        (P, 2, L, D)       text conditioning, [prompt, empty negative], written once
     cs_pooled (P, 2, Dp)
     sigmas    (S+1,)  float32    the Euler schedule (last is 0)
@@ -10,6 +11,10 @@ Layout (Zarr v3, one store per job):
     xs        (N, S, H, W, C)    float32, one chunk per trajectory, crc32c-checked
     done      (N,)    uint8      1 once trajectory k's chunk is durable (written after it)
     progress/<i>-of-<n>          attrs: one shard's throughput, for `status`
+
+Metadata lives only in leaf groups: Zarr rewrites a parent group's zarr.json, briefly with
+empty attributes, whenever it creates a child, so a concurrent reader of the root's attributes
+could find no config.
 
 Crash safety: Zarr's LocalStore writes each chunk to a temporary file and renames it, so a chunk
 is whole or absent; we fsync the chunk files before writing their done markers, so a marker
@@ -44,6 +49,7 @@ from calibjob.errors import ConfigError, StoreError
 
 FORMAT = "calibjob-store/1"
 LOCK_NAME = ".calibjob.lock"
+JOB_KEY = "job/zarr.json"  # the job record; its presence makes a folder or prefix a store
 
 
 def package_versions() -> dict[str, str]:
@@ -96,12 +102,12 @@ class Store:
 
     @classmethod
     def exists(cls, path: str | Path) -> bool:
-        """Whether a Zarr group is at `path` (a calibjob store or not)."""
+        """Whether a calibjob store (its job record) is at `path`."""
         loc = remote.normalize(path)
         if not remote.is_url(loc):
-            return (Path(loc) / "zarr.json").is_file()
+            return (Path(loc) / JOB_KEY).is_file()
         try:
-            return bool(sync(cls._target(loc, "r").exists("zarr.json")))
+            return bool(sync(cls._target(loc, "r").exists(JOB_KEY)))
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001  (no bucket, no credentials, no network...)
@@ -116,7 +122,7 @@ class Store:
             raise StoreError(f"no calibjob store at {loc}")
         try:
             root = zarr.open_group(cls._target(loc, mode), mode=mode)
-            meta = root.attrs["calibjob"]
+            meta = root["job"].attrs["calibjob"]
         except (KeyError, ValueError, json.JSONDecodeError) as e:
             raise StoreError(f"{loc} is not a calibjob store ({type(e).__name__})") from None
         if meta.get("format") != FORMAT:
@@ -148,44 +154,26 @@ class Store:
                         for k in diff
                     )
                     raise StoreError(f"{loc} holds a different job ({details})")
+                _ensure_arrays(store.root, store.config)  # a creation killed half-way
                 return store
             return cls._create(loc, config)
 
     @classmethod
     def _create(cls, loc: str, config: JobConfig) -> Store:
-        n, s = config.num_fid_samples, config.num_sampling_steps
-        h, w = config.latent_size
-        # mode "a", not "w": "w" empties the folder or prefix first, lock and logs included
-        root = zarr.open_group(cls._target(loc, "a"), mode="a")
-        root.create_array(
-            "xs",
-            shape=(n, s, h, w, 16),
-            chunks=(1, s, h, w, 16),
-            dtype="float32",
-            serializer=BytesCodec(),
-            compressors=[Crc32cCodec()],
-            fill_value=0.0,
-            overwrite=True,
-        )
-        root.create_array(
-            "done",
-            shape=(n,),
-            chunks=(1,),
-            dtype="uint8",
-            compressors=[Crc32cCodec()],
-            fill_value=0,
-            overwrite=True,
-        )
-        root.create_group("progress", overwrite=True)
-        # attrs last: a folder without them is not a store yet, and is simply recreated
-        root.attrs["calibjob"] = {
+        """The job record (a leaf group whose attrs are written in one write), then the arrays.
+        A reader never sees a job without its config; a creation killed before the arrays is
+        finished by the next create_or_open."""
+        meta = {
             "format": FORMAT,
             "config": config.to_dict(),
             "fingerprint": fingerprint(config),
             "versions": package_versions(),
             "created": time.time(),
-            "encoded": False,
         }
+        # mode "a", not "w": "w" empties the folder or prefix first, lock and logs included
+        root = zarr.open_group(cls._target(loc, "a"), mode="a")
+        root.create_group("job", attributes={"calibjob": meta}, overwrite=True)
+        _ensure_arrays(root, config)
         return cls(loc, root, config)
 
     @staticmethod
@@ -205,7 +193,7 @@ class Store:
 
     @property
     def meta(self) -> dict:
-        return self.root.attrs["calibjob"]
+        return self.root["job"].attrs["calibjob"]
 
     @property
     def fingerprint(self) -> str:
@@ -213,7 +201,7 @@ class Store:
 
     @property
     def encoded(self) -> bool:
-        return bool(self.meta.get("encoded"))
+        return "encoded" in self.root
 
     def reload(self) -> Store:
         return Store.open(self.location)
@@ -235,9 +223,7 @@ class Store:
             )
             a[...] = arr
             self._fsync_tree(name)
-        meta = dict(self.meta)
-        meta["encoded"] = True
-        self.root.attrs["calibjob"] = meta
+        self.root.create_group("encoded", overwrite=True)
 
     def conditioning(self) -> tuple[np.ndarray, np.ndarray]:
         return self.root["cs"][...], self.root["cs_pooled"][...]
@@ -347,7 +333,8 @@ def _ensure_arrays(root: zarr.Group, config: JobConfig) -> None:
         )
     if "done" not in root:
         root.create_array(
-            "done", shape=(n,), chunks=(1,), dtype="uint8", compressors=[Crc32cCodec()], fill_value=0
+            "done", shape=(n,), chunks=(1,), dtype="uint8", compressors=[Crc32cCodec()],
+            fill_value=0,
         )
     if "progress" not in root:
         root.create_group("progress")

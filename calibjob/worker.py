@@ -58,7 +58,7 @@ def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobC
         cfg = cfg.replace(prompts=read_prompts(cfg.prompt_file))
     cfg.validate()
     existing = None
-    if store_path is not None and (Path(store_path) / "zarr.json").is_file():
+    if store_path is not None and Store.exists(store_path):
         existing = Store.open(store_path).config
     if cfg.dtype == "auto" and existing is not None:
         cfg = cfg.replace(dtype=existing.dtype)
@@ -157,7 +157,7 @@ def run_shard(
 ) -> RunResult:
     """Run shard `shard` of the job `cfg` (resolved) into the store at `store_path`."""
     t0 = time.perf_counter()
-    fresh = not (Path(store_path) / "zarr.json").exists()
+    fresh = not Store.exists(store_path)
     store = Store.create_or_open(store_path, cfg)
     all_units = units_for(store.config)
     todo, recomputed = pending_units(store, shard)

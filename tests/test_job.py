@@ -132,7 +132,7 @@ def test_sigkill_right_after_start_then_resume(baseline, prompt_file, tmp_path):
     store = tmp_path / "early.zarr"
     p = popen("run", *flags(prompt_file), "--store", str(store))
     deadline = time.monotonic() + 60
-    while not (store / "zarr.json").exists() and time.monotonic() < deadline:
+    while not (store / "zarr.json").exists() and time.monotonic() < deadline:  # root, no job yet
         time.sleep(0.005)
     os.kill(p.pid, signal.SIGKILL)  # while creating or encoding: nothing may be marked done
     p.wait()
@@ -157,7 +157,7 @@ def test_corrupt_and_truncated_chunks_are_recomputed_never_merged(baseline, tmp_
     assert not list(tmp_path.glob(".bad.npz*"))  # no temporary file left behind
     res = cli("resume", str(store))
     assert "3-4" in res.stderr  # named as failing verification
-    assert "2 trajectories" in res.stdout
+    assert "4 trajectories in 2 units" in res.stdout  # units [0, 3] and [1, 4], nothing else
     assert_same_npz(merge(store, tmp_path / "fixed.npz"), baseline[1])
 
 
@@ -169,7 +169,8 @@ def test_stores_from_two_machines_merge_and_bad_sets_are_refused(baseline, promp
     overlap = cli("merge", str(a), str(baseline[0]), "-o", str(tmp_path / "x.npz"), check=False)
     assert overlap.returncode == 2 and "more than one store" in overlap.stderr
     missing = cli("merge", str(a), "-o", str(tmp_path / "y.npz"), check=False)
-    assert missing.returncode == 2 and "missing" in missing.stderr and "2-3" in missing.stderr
+    # shard 0/2 holds units 0 and 2: trajectories [0, 3] and [2, 5]
+    assert missing.returncode == 2 and "missing" in missing.stderr and "1, 4" in missing.stderr
     other = tmp_path / "other.zarr"
     cli("run", *flags(prompt_file, seed=8), "--store", str(other), "--shard", "1/2")
     diff = cli("merge", str(a), str(other), "-o", str(tmp_path / "z.npz"), check=False)
@@ -253,7 +254,7 @@ def test_merge_of_incomplete_store_and_existing_output(baseline, prompt_file, tm
     part = tmp_path / "half.zarr"
     cli("run", *flags(prompt_file), "--store", str(part), "--shard", "1/2")
     proc = cli("merge", str(part), "-o", str(tmp_path / "h.npz"), check=False)
-    assert proc.returncode == 2 and "incomplete" in proc.stderr and "0-1, 4-5" in proc.stderr
+    assert proc.returncode == 2 and "incomplete" in proc.stderr and "0, 2-3, 5" in proc.stderr
     assert not (tmp_path / "h.npz").exists()
     out = tmp_path / "exists.npz"
     out.write_bytes(b"keep me")

@@ -1,0 +1,364 @@
+"""`calibjob launch`: a job's shards as N local worker processes or one Slurm job array.
+
+Built on submitit, which pickles a call of `run_task` (the same work as `calibjob run --shard
+i/n`) into a log folder and runs it in a process it starts (`local`) or in a Slurm array task
+(`slurm`). Nothing here talks to the workers: the store is the only shared state, so launching
+again on a store submits only the shards that still have work, and each of those skips what
+is done. What was launched, and where its logs are, goes to LOGDIR/launch.json, from which
+`calibjob status` tells finished, running and failed shards apart with no scheduler accounting
+(sacct is often missing): a result file means the task ended in Python; no result file and no
+live process (local) or squeue entry (Slurm) means it died, e.g. killed or out of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from calibjob import remote
+from calibjob.config import JobConfig, canonical_model, differing_fields
+from calibjob.errors import ConfigError, StoreError
+from calibjob.prompts import read_prompts
+from calibjob.shards import Shard, parse_shard, work_units
+from calibjob.store import Store
+
+RECORD = "launch.json"
+EXECUTORS = ("local", "slurm")
+POLL_S = 2.0
+LIVE = ("running", "pending")
+_JOBS: dict = {}  # submitit jobs this process started: polling a local one reaps its process
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    gpus_per_task: int | None = None
+    cpus_per_task: int | None = None
+    time_min: int = 24 * 60
+
+
+def parse_time(spec: str) -> int:
+    """Slurm-style time limit -> whole minutes: 'MM', 'MM:SS', 'HH:MM:SS', 'D-HH[:MM[:SS]]'."""
+    days, _, clock = spec.strip().rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))  # after a day count the clock starts with hours
+    elif len(parts) < 3:
+        parts = [0, *parts] if len(parts) == 2 else [0, parts[0], 0]  # MM:SS, or MM
+    if len(parts) != 3 or min(parts) < 0:
+        raise ValueError(spec)
+    h, m, sec = parts
+    seconds = ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+    return max(1, -(-seconds // 60))
+
+
+def location_of(store: str | Path) -> str:
+    """A store location as workers elsewhere must see it: URLs as given, folders absolute."""
+    loc = remote.normalize(store)
+    return loc if remote.is_url(loc) else str(Path(loc).resolve())
+
+
+def default_log_dir(location: str) -> Path:
+    """STORE/logs for a folder; for a URL, ./calibjob-logs/<bucket_prefix> (submitit needs a
+    shared file system for its files, which a bucket is not)."""
+    if not remote.is_url(location):
+        return Path(location) / "logs"
+    u = urlsplit(location)
+    name = f"{u.netloc}{u.path}".strip("/").replace("/", "_") or u.scheme
+    return Path("calibjob-logs") / name
+
+
+def with_store_choices(cfg: JobConfig, location: str) -> JobConfig:
+    """Take 'auto' dtype and batch size from an existing store, as resolve_config does for a
+    folder (it cannot look into a URL), so a resumed job keeps its data-defining choices."""
+    if (cfg.dtype != "auto" and cfg.batch_size != 0) or not Store.exists(location):
+        return cfg
+    have = Store.open(location, mode="r").config
+    if cfg.dtype == "auto":
+        cfg = cfg.replace(dtype=have.dtype)
+    if cfg.batch_size == 0:
+        cfg = cfg.replace(batch_size=have.batch_size)
+    return cfg
+
+
+def prepare_config(cfg: JobConfig) -> JobConfig:
+    """Resolve what needs no device (model key, prompts) and validate, before any submission.
+    dtype and batch size 'auto' are left to the workers: the login node is not a GPU node."""
+    cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
+    if not cfg.prompts:
+        cfg = cfg.replace(prompts=read_prompts(cfg.prompt_file))
+    return cfg.validate()
+
+
+def pending_shards(cfg: JobConfig, location: str, count: int) -> list[int]:
+    """Shards of `count` with a trajectory not done yet (all of them for a new store).
+    Refuses an existing store of another job before anything is submitted."""
+    if not Store.exists(location):
+        return list(range(count))
+    store = Store.open(location, mode="r")
+    diff = differing_fields(store.config, cfg)
+    unresolved = {"dtype": "auto", "batch_size": 0}
+    diff = [k for k in diff if getattr(cfg, k) != unresolved.get(k, object())]
+    if diff:
+        empty = not store.encoded and not store.done_mask().any()
+        hint = "; it holds no data yet: remove it to start this job there" if empty else ""
+        raise StoreError(
+            f"{location} holds a different job (differs in: {', '.join(diff)}){hint}"
+        )
+    have = store.config
+    units = work_units(have.num_fid_samples, len(have.prompts), have.batch_size)
+    done = store.done_mask()
+    out = []
+    for i in range(count):
+        trajs = [k for u in Shard(i, count).units(units) for k in u.trajectories]
+        if not done[trajs].all() or (not trajs and not store.encoded):
+            out.append(i)
+    return out
+
+
+def visible_gpus() -> list[int]:
+    """The GPUs this machine lets us use: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [int(x) for x in env.split(",") if x.strip().isdigit()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        res = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [int(x) for x in res.stdout.split() if x.isdigit()]
+
+
+# ---- the task: what each worker process runs ------------------------------------------------
+
+
+def run_task(fields: dict, location: str, shard: str, compile: bool = False) -> dict:
+    """One shard, as `calibjob run --shard i/n` does it; picklable, for submitit."""
+    from calibjob.worker import resolve_config, run_shard
+
+    sh = parse_shard(shard)
+    print(
+        f"calibjob shard {sh} on {socket.gethostname()} (pid {os.getpid()}, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) -> {location}",
+        flush=True,
+    )
+    cfg = resolve_config(with_store_choices(JobConfig.from_dict(fields), location), location)
+    # create the store first: run_shard removes a store folder it created if the model fails
+    # to load, and with a folder store that would take STORE/logs (this very log) along
+    Store.create_or_open(location, cfg)
+    res = run_shard(cfg, location, sh, show_progress=False, compile=compile)
+    print(
+        f"shard {sh}: {res.trajectories_run} trajectories in {res.units_run} units, "
+        f"{res.seconds:.1f} s -> {location}",
+        flush=True,
+    )
+    return {"shard": str(sh), "units_run": res.units_run, "trajectories_run": res.trajectories_run}
+
+
+# ---- submission ------------------------------------------------------------------------------
+
+
+def submit(
+    cfg: JobConfig,
+    location: str,
+    count: int,
+    shards: list[int],
+    executor: str,
+    log_dir: Path,
+    slurm: SlurmOptions,
+    compile: bool = False,
+) -> dict[str, dict]:
+    """Start the given shards; return their launch entries (also written to launch.json)."""
+    import submitit
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fields = cfg.to_dict()
+    names = [str(Shard(i, count)) for i in shards]
+    if executor == "local":
+        ex = submitit.LocalExecutor(folder=log_dir)
+        gpus = visible_gpus()
+        jobs = []
+        for i, name in zip(shards, names, strict=True):
+            # one GPU per worker (round robin if fewer GPUs than shards); none on a CPU machine
+            pin = [gpus[i % len(gpus)]] if gpus else []
+            ex.update_parameters(
+                timeout_min=slurm.time_min, gpus_per_node=len(pin), visible_gpus=pin
+            )
+            jobs.append(ex.submit(run_task, fields, location, name, compile))
+    elif executor == "slurm":
+        if shutil.which("sbatch") is None:
+            raise ConfigError("--executor slurm needs Slurm's sbatch here (run on a login node)")
+        ex = submitit.SlurmExecutor(folder=log_dir)
+        params = {
+            "job_name": "calibjob",
+            "time": slurm.time_min,
+            "array_parallelism": len(shards),
+            "partition": slurm.partition,
+            "gpus_per_task": slurm.gpus_per_task,
+            "cpus_per_task": slurm.cpus_per_task,
+        }
+        ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        k = len(shards)
+        jobs = ex.map_array(run_task, [fields] * k, [location] * k, names, [compile] * k)
+    else:
+        raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    host = socket.gethostname()
+    entries = {
+        name: {
+            "executor": executor,
+            "job_id": str(job.job_id),
+            "host": host,
+            "stdout": str(job.paths.stdout),
+            "stderr": str(job.paths.stderr),
+            "result": str(job.paths.result_pickle),
+            "submitted": time.time(),
+        }
+        for name, job in zip(names, jobs, strict=True)
+    }
+    _JOBS.update({e["job_id"]: job for e, job in zip(entries.values(), jobs, strict=True)})
+    record = read_record(log_dir)
+    if record.get("store") != location or record.get("shards") != count:
+        record = {"store": location, "shards": count, "tasks": {}}
+    record["tasks"].update(entries)
+    write_record(log_dir, record)
+    return entries
+
+
+
+def write_record(log_dir: Path, record: dict) -> None:
+    tmp = log_dir / f".{RECORD}.{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, log_dir / RECORD)
+
+
+def read_record(log_dir: Path) -> dict:
+    """The launch record of a log folder ({} if none or unreadable)."""
+    try:
+        return json.loads((Path(log_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---- state of launched tasks -----------------------------------------------------------------
+
+
+def _result(entry: dict) -> str | None:
+    """'success' or 'error' from submitit's result file, None while there is none."""
+    p = Path(entry["result"])
+    if not p.exists():
+        return None
+    try:
+        from submitit.core.utils import pickle_load
+
+        return str(pickle_load(p)[0])
+    except Exception:  # noqa: BLE001  (being written right now)
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has ended; only its parent has not reaped it yet
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _squeue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """job id (ARRAY_TASK) -> Slurm state for jobs squeue still lists; None if squeue fails."""
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        res = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(arrays)],
+            capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        # squeue refuses ids it no longer knows ("Invalid job id"): all of them have ended
+        return {} if "Invalid job id" in res.stderr else None
+    out = {}
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            out[parts[0]] = parts[1].lower()
+    return out
+
+
+def task_states(record: dict) -> dict[str, str]:
+    """shard -> finished | failed | running | pending | unknown, for a launch record."""
+    tasks: dict[str, dict] = record.get("tasks", {})
+    states: dict[str, str] = {}
+    slurm_ids = [e["job_id"] for e in tasks.values() if e["executor"] == "slurm"]
+    queue = _squeue_states(slurm_ids) if slurm_ids else {}
+    for shard, e in tasks.items():
+        job = _JOBS.get(e["job_id"])
+        if job is not None and e["executor"] == "local":
+            job.done()  # polls (and reaps) the controller process we started
+        res = _result(e)
+        if res is not None:
+            states[shard] = "finished" if res == "success" else "failed"
+            continue
+        if e["executor"] == "local":
+            if e.get("host") != socket.gethostname():
+                states[shard] = "unknown"
+            else:
+                states[shard] = "running" if _pid_alive(int(e["job_id"])) else "failed"
+        elif queue is None:
+            states[shard] = "unknown"
+        else:
+            st = queue.get(e["job_id"])
+            if st is None:  # left the queue: ended; its result file may be a moment late
+                time.sleep(0.5)
+                st = "failed" if _result(e) is None else "finished"
+            states[shard] = {"running": "running", "completing": "running"}.get(st, st)
+    return states
+
+
+def wait(record: dict, on_change: Callable[[str, str], None] | None = None) -> dict[str, str]:
+    """Poll the record's tasks until none is pending or running; return their final states."""
+    last: dict[str, str] = {}
+    while True:
+        states = task_states(record)
+        for shard, st in states.items():
+            if st != last.get(shard) and on_change is not None:
+                on_change(shard, st)
+        last = states
+        if not any(st in LIVE for st in states.values()):
+            return states
+        time.sleep(POLL_S)
+
+
+def log_tail(entry: dict, lines: int = 12) -> tuple[str, list[str]]:
+    """The last lines of a task's log: stderr where it has any, else stdout."""
+    for key in ("stderr", "stdout"):
+        p = Path(entry.get(key, ""))
+        try:
+            text = p.read_text(errors="replace").rstrip("\n")
+        except OSError:
+            continue
+        if text.strip():
+            return str(p), text.splitlines()[-lines:]
+    return entry.get("stderr", "?"), []
+
+
+__all__ = [
+    "SlurmOptions", "default_log_dir", "location_of", "pending_shards", "prepare_config",
+    "read_record", "run_task", "submit", "task_states", "wait", "log_tail", "with_store_choices",
+]
