@@ -17,7 +17,7 @@ else
   TORCH ?= torch==2.13.0
 endif
 comma  := ,
-EXTRAS := dev$(if $(MLX),$(comma)$(MLX))
+EXTRAS := dev,s3$(if $(MLX),$(comma)$(MLX))
 
 .PHONY: install dry-run test lint bench clean
 
