@@ -30,7 +30,7 @@ from rich.progress import (
 )
 
 from calibjob.config import JobConfig
-from calibjob.errors import ConfigError, StoreError
+from calibjob.errors import StoreError
 from calibjob.prompts import read_prompts
 from calibjob.shards import ALL, Shard, Unit, work_units
 from calibjob.store import Store
@@ -167,21 +167,14 @@ def run_shard(
         )
     if not todo:
         if not store.encoded:  # a shard with no units still leaves the conditioning in place
-            _load_and_encode(store)
+            ensure_encoded(store, _load_model(store))
         return RunResult(len(all_units), 0, 0, recomputed, time.perf_counter() - t0, 0.0)
 
-    from calibjob import models
     from calibjob.engine import Engine
 
     cfg = store.config
     try:
-        model = models.load(
-            cfg.model_version,
-            shift=cfg.shift,
-            dtype=cfg.dtype,
-            local_ckpt=cfg.local_ckpt,
-            text_encoders=not store.encoded,
-        )
+        model = _load_model(store)
     except BaseException:
         if fresh and not store.reload().encoded:  # leave no empty store behind
             shutil.rmtree(store.path, ignore_errors=True)
@@ -268,14 +261,18 @@ def run_shard(
     )
 
 
-def _load_and_encode(store: Store) -> None:
+def _load_model(store: Store):
+    """The store's model; text encoders only while the prompts still need encoding."""
     from calibjob import models
 
     cfg = store.config
-    model = models.load(
-        cfg.model_version, shift=cfg.shift, dtype=cfg.dtype, local_ckpt=cfg.local_ckpt
+    return models.load(
+        cfg.model_version,
+        shift=cfg.shift,
+        dtype=cfg.dtype,
+        local_ckpt=cfg.local_ckpt,
+        text_encoders=not store.encoded,
     )
-    ensure_encoded(store, model)
 
 
 def fmt_ranges(ks) -> str:
@@ -291,4 +288,4 @@ def fmt_ranges(ks) -> str:
     return ", ".join(out)
 
 
-__all__ = ["ConfigError", "RunResult", "resolve_config", "run_shard", "fmt_ranges", "pending_units"]
+__all__ = ["RunResult", "resolve_config", "run_shard", "fmt_ranges", "pending_units"]
