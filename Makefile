@@ -52,5 +52,8 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+bench: install
+	$(BIN)/python bench/cpu.py
+
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache

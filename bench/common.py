@@ -1,0 +1,179 @@
+"""What both benchmarks share: a random-weight MMDiT of DiffusionKit's class wrapped as a
+calibjob Model, a store pre-filled with random conditioning, and the full job run in-process
+through `calibjob.worker.run_shard` with that model standing in for `models.load`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from calibjob import device  # noqa: E402
+from calibjob.device import mx  # noqa: E402  (mlx.core, after the OpenBLAS preload)
+
+TRAJ_STEP_GFLOP_PER_TOKEN = 1.48  # SD3-2b: 24 joint blocks of width 1536, attention included
+
+
+def rss_mb() -> float:
+    """Peak RSS of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_mmdit(config, dtype: mx.Dtype, seed: int = 0, adaln_scale: float = 0.1):
+    """DiffusionKit's MMDiT with random weights (its own initialisers), cast to dtype. The adaLN
+    weights are scaled down so that 24 random blocks stay finite in float16."""
+    from diffusionkit.mlx.mmdit import MMDiT
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    mx.random.seed(seed)
+    mmdit = MMDiT(config)
+    params = [
+        (k, (v * adaln_scale if "adaLN" in k else v).astype(dtype))
+        for k, v in tree_flatten(mmdit.parameters())
+    ]
+    mmdit.update(tree_unflatten(params))
+    mx.eval(mmdit.parameters())
+    return mmdit
+
+
+def mmdit_config(*, depth: int, hidden: int, heads: int, text_dim: int, pooled_dim: int, dtype):
+    from diffusionkit.mlx.config import MMDiTConfig
+
+    return MMDiTConfig(
+        num_heads=heads,
+        depth_multimodal=depth,
+        hidden_size_override=hidden,
+        mlp_ratio=4,
+        vae_latent_dim=16,
+        pooled_text_embed_dim=pooled_dim,
+        token_level_text_embed_dim=text_dim,
+        dtype=dtype,
+        float16_dtype=mx.float16,
+        low_memory_mode=False,
+    )
+
+
+def sd3_2b_config(dtype):
+    """DiffusionKit's SD3_2b (depth 24, hidden 1536, 24 heads) with the low-memory SDPA flag off."""
+    from diffusionkit.mlx.config import SD3_2b
+
+    return dataclasses.replace(SD3_2b, dtype=dtype, low_memory_mode=False)
+
+
+def make_model(mmdit, dtype_name: str, name: str = "bench-random"):
+    from diffusionkit.mlx.sampler import ModelSamplingDiscreteFlow
+
+    from calibjob.models import Model
+
+    return Model(name, mmdit, ModelSamplingDiscreteFlow(shift=3.0), None, dtype_name)
+
+
+def random_conditioning(prompts: int, tokens: int, dim: int, pooled: int, seed: int = 1):
+    """cs (P, 2, L, D), cs_pooled (P, 2, Dp) float32: index 1 (the empty negative) shared."""
+    rng = np.random.default_rng(seed)
+    cs = rng.standard_normal((prompts, 2, tokens, dim), dtype=np.float32) * 0.5
+    cs[:, 1] = cs[0, 1]
+    cp = rng.standard_normal((prompts, 2, pooled), dtype=np.float32)
+    cp[:, 1] = cp[0, 1]
+    return cs, cp
+
+
+def job_config(**over):
+    """The paper job (jobs/paper.toml) with overrides, resolved for this device like the CLI."""
+    from calibjob.config import JobConfig, load_job_file
+    from calibjob.worker import resolve_config
+
+    fields = load_job_file(ROOT / "jobs" / "paper.toml")
+    fields.update(over)
+    if "latent_size" in fields:
+        fields["latent_size"] = tuple(fields["latent_size"])
+    return resolve_config(JobConfig(**fields))
+
+
+def prepare_store(path: Path, cfg, model, cs: np.ndarray, cs_pooled: np.ndarray) -> None:
+    """Create the job's store and write its conditioning, as the worker's encode step would."""
+    from calibjob.store import Store
+
+    store = Store.create_or_open(path, cfg)
+    sigmas, ts = model.schedule(cfg.num_sampling_steps)
+    store.write_conditioning(cs.astype(np.float32), cs_pooled.astype(np.float32), sigmas, ts)
+
+
+def run_job(cfg, store_path: Path, model, *, compile: bool | None = False):
+    """The full `calibjob run` of cfg in this process (calibjob.worker.run_shard, shard 0/1,
+    store writes, markers and progress records), with `model` as the loaded model."""
+    from calibjob import models, worker
+    from calibjob.shards import ALL
+
+    real_load = models.load
+    models.load = lambda *a, **k: model
+    try:
+        t0 = time.perf_counter()
+        res = worker.run_shard(cfg, store_path, ALL, show_progress=False, compile=compile)
+        return res, time.perf_counter() - t0
+    finally:
+        models.load = real_load
+
+
+def spec_seconds(model, cs, cs_pooled, cfg, trajectories: list[int]) -> list[float]:
+    """Wall seconds of the spec's loop (calibjob.reference.spec_trajectory) per trajectory."""
+    from calibjob.reference import spec_trajectory
+
+    out = []
+    p = len(cfg.prompts)
+    for k in trajectories:
+        t0 = time.perf_counter()
+        spec_trajectory(
+            model,
+            cs[k % p],
+            cs_pooled[k % p],
+            trajectory=k,
+            seed=cfg.seed,
+            num_steps=cfg.num_sampling_steps,
+            cfg_scale=cfg.cfg_scale,
+            latent_size=tuple(cfg.latent_size),
+        )
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def engine_unit_seconds(model, cfg, cs, cs_pooled, trajectories, *, compile, steps=None, reps=1):
+    """Wall seconds of Engine.run_unit for one unit (after one untimed warm-up run, which also
+    traces the compiled step), and the warm-up's own seconds."""
+    from calibjob.engine import Engine
+
+    eng = Engine(
+        model,
+        num_steps=steps or cfg.num_sampling_steps,
+        cfg_scale=cfg.cfg_scale,
+        latent_size=tuple(cfg.latent_size),
+        seed=cfg.seed,
+        compile=compile,
+    )
+    p = trajectories[0] % len(cfg.prompts)
+    t0 = time.perf_counter()
+    eng.run_unit(p, trajectories, cs[p], cs_pooled[p])
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        eng.run_unit(p, trajectories, cs[p], cs_pooled[p])
+        times.append(time.perf_counter() - t0)
+    eng.release_prompt()
+    return times, first
+
+
+def env_note() -> str:
+    return (
+        f"mlx {mx.__version__}, device {mx.default_device()}, "
+        f"OpenBLAS preloaded: {device.OPENBLAS_LOADED}, pid {os.getpid()}"
+    )

@@ -1,0 +1,176 @@
+"""GPU benchmark: the paper job through calibjob's engine and store beside the spec's loop.
+
+An MMDiT of DiffusionKit's SD3_2b config with random weights (float16), 589 text tokens
+(cs (20, 2, 589, 4096)), 256x256 (latent 32x32x16), CFG 1.5, 100 steps, 256 trajectories:
+the full job run in-process by `calibjob.worker.run_shard` (store writes, done markers,
+progress records; model built and conditioning written beforehand, as a loaded model and an
+encoded store). Beside it, in the same process on the same GPU, the spec's batch-1 loop
+(`calibjob.reference.spec_trajectory`) on a few trajectories, extrapolated to 256. No hub access.
+
+    python bench/gpu.py                 # on a machine with MLX's CUDA backend
+    python bench/gpu.py --small         # the same logic on a small model (CPU check)
+
+Prints one table; `--json PATH` also writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (puts the checkout on sys.path, OpenBLAS before MLX)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from calibjob.store import Store  # noqa: E402
+
+DENSE_MS = 2.5  # dense fp16 limit per trajectory-step on an H100 (1.48 GFLOP/token, ~1 PFLOP/s)
+
+
+def jit_modules() -> int:
+    """Kernels in MLX's CUDA JIT cache (MLX_PTX_CACHE_DIR, default /tmp/mlx/VERSION/ptx)."""
+    d = Path(os.environ.get("MLX_PTX_CACHE_DIR") or Path(tempfile.gettempdir()) / "mlx")
+    return sum(1 for _ in d.rglob("*.txt")) if d.is_dir() else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="small model and job (logic check)")
+    ap.add_argument("--spec-trajectories", type=int, default=3, help="spec-loop trajectories timed")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="auto: as Engine(compile=None), on a GPU")
+    ap.add_argument("--sweep", default="1,13,26", help="batch sizes for the 10-step sweep")
+    ap.add_argument("--no-compare", action="store_true", help="skip the compile on/off unit")
+    ap.add_argument("--only-job", action="store_true", help="the job alone (no spec, no sweep)")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args()
+    con = Console(width=110)
+    compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "env": common.env_note()}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+
+    if args.small:
+        dtype, dname = mx.float32, "float32"
+        config = common.mmdit_config(
+            depth=2, hidden=128, heads=2, text_dim=256, pooled_dim=128, dtype=dtype
+        )
+        tokens, text_dim, pooled = 77, 256, 128
+        job = dict(num_fid_samples=8, num_sampling_steps=10, num_selected_steps=5, dtype=dname)
+    else:
+        dtype, dname = mx.float16, "float16"
+        config = common.sd3_2b_config(dtype)
+        tokens, text_dim, pooled = 589, 4096, 2048
+        job = dict(dtype=dname)
+    t0 = time.perf_counter()
+    mmdit = common.random_mmdit(config, dtype)
+    model = common.make_model(mmdit, dname)
+    cfg = common.job_config(**job)
+    cs, cs_pooled = common.random_conditioning(len(cfg.prompts), tokens, text_dim, pooled)
+    S = cfg.num_sampling_steps
+    con.print(f"model built in {time.perf_counter() - t0:.1f} s; {common.env_note()}")
+    con.print(f"job: {cfg.num_fid_samples} x {S} steps, batch {cfg.batch_size}")
+    n_img = (cfg.latent_size[0] // 2) * (cfg.latent_size[1] // 2)
+    results["tokens_per_sample"] = n_img + tokens
+    results["batch_size"] = cfg.batch_size
+    per_prompt = [k for k in range(cfg.num_fid_samples) if k % len(cfg.prompts) == 0]
+    unit = per_prompt[: cfg.batch_size]
+
+    jit_before = jit_modules()
+    results["jit_modules_cached_at_start"] = jit_before
+    # 1. the job, first in a fresh process (so MLX's kernel JIT is paid inside it, as for a user),
+    #    in-process through the worker and the store
+    with tempfile.TemporaryDirectory(prefix="calibjob-gpu-") as tmp:
+        store = Path(tmp) / "paper.zarr"
+        common.prepare_store(store, cfg, model, cs, cs_pooled)
+        res, wall = common.run_job(cfg, store, model, compile=compile_flag)
+        done = int(Store.open(store, mode="r").done_mask().sum())
+        finite = bool(np.isfinite(Store.open(store, mode="r").read_trajectory(0)).all())
+    steps_total = cfg.num_fid_samples * S
+    job_ms = wall / steps_total * 1e3
+    results.update(
+        job_seconds=wall, job_minutes=wall / 60, job_ms_per_traj_step=job_ms,
+        trajectories_done=done, finite=finite,
+    )
+    results["jit_modules_compiled_by_job"] = jit_modules() - jit_before
+    con.print(
+        f"job: {wall:.1f} s, {done} trajectories done, finite: {finite}; MLX kernel JIT cache: "
+        f"{jit_before} modules at start, {results['jit_modules_compiled_by_job']} new"
+    )
+    save()
+    if args.only_job:
+        return
+
+    # 2. the spec's loop: batch 1, per-trajectory modulation cache and adaLN reload
+    spec = common.spec_seconds(model, cs, cs_pooled, cfg, list(range(args.spec_trajectories)))
+    spec_traj = sum(spec[1:]) / max(1, len(spec) - 1) if len(spec) > 1 else spec[0]
+    results["spec_seconds"] = spec
+    results["spec_ms_per_traj_step"] = spec_traj / S * 1e3
+    con.print(f"spec loop: {[round(s, 2) for s in spec]} s per trajectory (first is warm-up)")
+    save()
+
+    # 3. compile off/on on one unit of the job's size (warm-up run excluded, trace cost shown)
+    if not args.no_compare:
+        for flag in (False, True):
+            times, first = common.engine_unit_seconds(
+                model, cfg, cs, cs_pooled, unit, compile=flag
+            )
+            key = "compiled" if flag else "eager"
+            results[f"unit_{key}_ms_per_traj_step"] = times[0] / (len(unit) * S) * 1e3
+            results[f"unit_{key}_first_s"] = first
+            con.print(f"unit {key}: {times[0]:.2f} s ({first:.2f} s first run)")
+            save()
+
+    # 4. a short sweep of CFG batch sizes (one prompt, 10 steps, compile as the job)
+    sweep = {}
+    for b in [int(s) for s in args.sweep.split(",") if s]:
+        trajs = [len(cfg.prompts) * j for j in range(b)]
+        times, _ = common.engine_unit_seconds(
+            model, cfg, cs, cs_pooled, trajs, compile=compile_flag, steps=10
+        )
+        sweep[b] = times[0] / (b * 10) * 1e3
+        con.print(f"sweep batch {b}: {sweep[b]:.2f} ms per trajectory-step")
+    results["sweep_ms_per_traj_step"] = sweep
+    save()
+
+    spec_ms = results["spec_ms_per_traj_step"]
+    t = Table(title=f"calibjob on {mx.default_device()} ({results['date']})")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_column("target / note")
+    t.add_row("spec loop (batch 1), ms / traj-step", f"{spec_ms:.2f}",
+              f"mean of {max(1, len(spec) - 1)} trajectories after 1 warm-up")
+    t.add_row("spec loop, paper job (extrapolated), min", f"{spec_ms * steps_total / 6e4:.2f}",
+              f"x {cfg.num_fid_samples} trajectories")
+    for key in ("eager", "compiled"):
+        if f"unit_{key}_ms_per_traj_step" in results:
+            t.add_row(f"engine unit of {len(unit)}, {key}, ms / traj-step",
+                      f"{results[f'unit_{key}_ms_per_traj_step']:.2f}",
+                      f"first run {results[f'unit_{key}_first_s']:.1f} s")
+    t.add_row("calibjob job, ms / traj-step", f"{job_ms:.2f}",
+              f"batch {cfg.batch_size}, compile {args.compile}")
+    t.add_row("calibjob job (run_shard, store), min", f"{wall / 60:.2f}", "<= 3.0 (stretch 2.0)")
+    t.add_row("ratio to the spec loop", f"{spec_ms / job_ms:.2f}x", ">= 3x")
+    if not args.small:
+        t.add_row("fraction of the dense fp16 limit", f"{DENSE_MS / job_ms:.0%}",
+                  f"{DENSE_MS} ms / traj-step")
+    for b, ms in sweep.items():
+        t.add_row(f"engine batch {b} (10 steps), ms / traj-step", f"{ms:.2f}", "")
+    con.print(t)
+    con.print(f"{results['env']}; job trajectories done {done}; finite {finite}")
+    save()
+
+
+if __name__ == "__main__":
+    main()
