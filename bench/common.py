@@ -108,9 +108,10 @@ def prepare_store(path: Path, cfg, model, cs: np.ndarray, cs_pooled: np.ndarray)
     store.write_conditioning(cs.astype(np.float32), cs_pooled.astype(np.float32), sigmas, ts)
 
 
-def run_job(cfg, store_path: Path, model, *, compile: bool | None = False):
+def run_job(cfg, store_path: Path, model):
     """The full `calibjob run` of cfg in this process (calibjob.worker.run_shard, shard 0/1,
-    store writes, markers and progress records), with `model` as the loaded model."""
+    store writes, markers and progress records), with `model` as the loaded model; whether the
+    step is compiled is the job's `compile` field."""
     from calibjob import models, worker
     from calibjob.shards import ALL
 
@@ -118,7 +119,7 @@ def run_job(cfg, store_path: Path, model, *, compile: bool | None = False):
     models.load = lambda *a, **k: model
     try:
         t0 = time.perf_counter()
-        res = worker.run_shard(cfg, store_path, ALL, show_progress=False, compile=compile)
+        res = worker.run_shard(cfg, store_path, ALL, show_progress=False)
         return res, time.perf_counter() - t0
     finally:
         models.load = real_load

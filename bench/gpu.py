@@ -93,8 +93,11 @@ def main() -> None:
     #    in-process through the worker and the store
     with tempfile.TemporaryDirectory(prefix="calibjob-gpu-") as tmp:
         store = Path(tmp) / "paper.zarr"
-        common.prepare_store(store, cfg, model, cs, cs_pooled)
-        res, wall = common.run_job(cfg, store, model, compile=compile_flag)
+        if compile_flag is not None:
+            cfg = cfg.replace(compile="on" if compile_flag else "off")
+        job_cfg = cfg
+        common.prepare_store(store, job_cfg, model, cs, cs_pooled)
+        res, wall = common.run_job(job_cfg, store, model)
         done = int(Store.open(store, mode="r").done_mask().sum())
         finite = bool(np.isfinite(Store.open(store, mode="r").read_trajectory(0)).all())
     steps_total = cfg.num_fid_samples * S

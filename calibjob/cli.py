@@ -128,8 +128,13 @@ def run(
         ),
     ] = None,
     compile: Annotated[
-        bool, typer.Option("--compile/--no-compile", help="mx.compile the Euler step (speed only).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="mx.compile the Euler step; default: on a GPU only. Fixed per store (on a GPU "
+            "compiled and eager steps differ in their last bits).",
+        ),
+    ] = None,
     progress: Annotated[
         bool | None,
         typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
@@ -160,16 +165,14 @@ def run(
         shift=shift,
         batch_size=batch_size,
         dtype=dtype,
+        compile=None if compile is None else ("on" if compile else "off"),
     )
-    from calibjob.launch import with_store_choices
-    from calibjob.remote import is_url, normalize
+    from calibjob.remote import normalize
 
     sh = parse_shard(shard)
     store = normalize(store)
-    if is_url(store):  # resolve_config looks for an existing store in folders only
-        cfg = with_store_choices(cfg, store)
     cfg = resolve_config(cfg, store)
-    res = run_shard(cfg, store, sh, show_progress=progress, compile=compile)
+    res = run_shard(cfg, store, sh, show_progress=progress)
     _print_result(res, store, str(sh))
 
 
@@ -180,9 +183,6 @@ def resume(
         str | None,
         typer.Option(help="Only this shard's units (i/n or 'auto'); default: everything left."),
     ] = None,
-    compile: Annotated[
-        bool, typer.Option("--compile/--no-compile", help="mx.compile the Euler step.")
-    ] = False,
     progress: Annotated[
         bool | None,
         typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
@@ -200,7 +200,7 @@ def resume(
     store = normalize(store)
     cfg = Store.open(store).config
     sh = parse_shard(shard) if shard else ALL
-    res = run_shard(cfg, store, sh, show_progress=progress, compile=compile)
+    res = run_shard(cfg, store, sh, show_progress=progress)
     _print_result(res, store, str(sh))
 
 
@@ -314,9 +314,6 @@ def launch(
         str, typer.Option(help="Time limit per shard: minutes, HH:MM:SS or D-HH:MM:SS.")
     ] = "24:00:00",
     logs: LogsOpt = None,
-    compile: Annotated[
-        bool, typer.Option("--compile/--no-compile", help="mx.compile the Euler step.")
-    ] = False,
 ) -> None:
     """Run a job as N shards at once: N local processes or one Slurm job array (submitit).
 
@@ -349,7 +346,7 @@ def launch(
     else:
         slurm = lz.SlurmOptions(slurm_partition, slurm_gpus_per_task, slurm_cpus_per_task, minutes)
         try:
-            entries = lz.submit(cfg, loc, shards, todo, executor, log_dir, slurm, compile)
+            entries = lz.submit(cfg, loc, shards, todo, executor, log_dir, slurm)
         except ConfigError:
             raise
         except Exception as e:  # sbatch refusing the job, a folder we cannot write...
@@ -387,8 +384,10 @@ def _job_flags_config(args: list[str]) -> JobConfig:
     job = params.pop("job", None)
     ls = params.get("latent_size")
     params["latent_size"] = list(ls) if ls else None
-    for k in ("store", "shard", "compile", "progress"):
+    for k in ("store", "shard", "progress"):
         params.pop(k, None)
+    c = params.get("compile")
+    params["compile"] = None if c is None else ("on" if c else "off")
     return build_config(Path(job) if job else None, **params)
 
 

@@ -53,6 +53,7 @@ class JobConfig:
     shift: float = 3.0  # SD3's own schedule (DiffusionPipeline's class default 1.0 is not SD3's)
     batch_size: int = 0  # trajectories of one prompt per model call; 0 = choose for the device
     dtype: str = "auto"  # activation/weight dtype; auto = float32 on CPU, float16 on a GPU
+    compile: str = "auto"  # mx.compile the Euler step: on, off; auto = on on a GPU, off on CPU
     low_memory_mode: bool = True  # free the text encoders before denoising
     local_ckpt: str | None = None
     prompts: tuple[str, ...] = field(default=())  # filled from prompt_file by `resolve`
@@ -86,6 +87,8 @@ class JobConfig:
             raise ConfigError(
                 f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype}"
             )
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}")
         return self
@@ -124,6 +127,16 @@ class JobConfig:
     def replace(self, **changes) -> JobConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_choices_of(self, other: JobConfig) -> JobConfig:
+        """Fields left to 'auto' here take `other`'s (an existing store's resolved) values."""
+        return self.replace(
+            **{k: getattr(other, k) for k, auto in AUTO_FIELDS.items() if getattr(self, k) == auto}
+        )
+
+
+# Fields a job may leave to the device; resolved once, when the store is created, then fixed.
+AUTO_FIELDS = {"dtype": "auto", "batch_size": 0, "compile": "auto"}
+
 
 # Fields that change the data a job produces; two stores can be merged only if these agree.
 # (low_memory_mode, prompt_file and local_ckpt change how, not what: the prompts' text is compared.)
@@ -138,6 +151,7 @@ IDENTITY_FIELDS = (
     "shift",
     "batch_size",
     "dtype",
+    "compile",  # on a GPU compiled and eager steps differ in their last bits
     "prompts",
 )
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from calibjob import remote
-from calibjob.config import JobConfig, canonical_model, differing_fields
+from calibjob.config import AUTO_FIELDS, JobConfig, canonical_model, differing_fields
 from calibjob.errors import ConfigError, StoreError
 from calibjob.prompts import read_prompts
 from calibjob.shards import Shard, parse_shard, work_units
@@ -77,21 +77,16 @@ def default_log_dir(location: str) -> Path:
 
 
 def with_store_choices(cfg: JobConfig, location: str) -> JobConfig:
-    """Take 'auto' dtype and batch size from an existing store, as resolve_config does for a
-    folder (it cannot look into a URL), so a resumed job keeps its data-defining choices."""
-    if (cfg.dtype != "auto" and cfg.batch_size != 0) or not Store.exists(location):
+    """Take the 'auto' fields from an existing store, so a relaunched job keeps its
+    data-defining choices (the login node may not be the kind of machine that made them)."""
+    if not Store.exists(location):
         return cfg
-    have = Store.open(location, mode="r").config
-    if cfg.dtype == "auto":
-        cfg = cfg.replace(dtype=have.dtype)
-    if cfg.batch_size == 0:
-        cfg = cfg.replace(batch_size=have.batch_size)
-    return cfg
+    return cfg.with_choices_of(Store.open(location, mode="r").config)
 
 
 def prepare_config(cfg: JobConfig) -> JobConfig:
     """Resolve what needs no device (model key, prompts) and validate, before any submission.
-    dtype and batch size 'auto' are left to the workers: the login node is not a GPU node."""
+    The 'auto' fields are left to the workers: the login node is not a GPU node."""
     cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
     if not cfg.prompts:
         cfg = cfg.replace(prompts=read_prompts(cfg.prompt_file))
@@ -105,8 +100,7 @@ def pending_shards(cfg: JobConfig, location: str, count: int) -> list[int]:
         return list(range(count))
     store = Store.open(location, mode="r")
     diff = differing_fields(store.config, cfg)
-    unresolved = {"dtype": "auto", "batch_size": 0}
-    diff = [k for k in diff if getattr(cfg, k) != unresolved.get(k, object())]
+    diff = [k for k in diff if getattr(cfg, k) != AUTO_FIELDS.get(k, object())]
     if diff:
         empty = not store.encoded and not store.done_mask().any()
         hint = "; it holds no data yet: remove it to start this job there" if empty else ""
@@ -144,7 +138,7 @@ def visible_gpus() -> list[int]:
 # ---- the task: what each worker process runs ------------------------------------------------
 
 
-def run_task(fields: dict, location: str, shard: str, compile: bool = False) -> dict:
+def run_task(fields: dict, location: str, shard: str) -> dict:
     """One shard, as `calibjob run --shard i/n` does it; picklable, for submitit."""
     from calibjob.worker import resolve_config, run_shard
 
@@ -158,7 +152,7 @@ def run_task(fields: dict, location: str, shard: str, compile: bool = False) -> 
     # create the store first: run_shard removes a store folder it created if the model fails
     # to load, and with a folder store that would take STORE/logs (this very log) along
     Store.create_or_open(location, cfg)
-    res = run_shard(cfg, location, sh, show_progress=False, compile=compile)
+    res = run_shard(cfg, location, sh, show_progress=False)
     print(
         f"shard {sh}: {res.trajectories_run} trajectories in {res.units_run} units, "
         f"{res.seconds:.1f} s -> {location}",
@@ -178,7 +172,6 @@ def submit(
     executor: str,
     log_dir: Path,
     slurm: SlurmOptions,
-    compile: bool = False,
 ) -> dict[str, dict]:
     """Start the given shards; return their launch entries (also written to launch.json)."""
     import submitit
@@ -196,7 +189,7 @@ def submit(
             ex.update_parameters(
                 timeout_min=slurm.time_min, gpus_per_node=len(pin), visible_gpus=pin
             )
-            jobs.append(ex.submit(run_task, fields, location, name, compile))
+            jobs.append(ex.submit(run_task, fields, location, name))
     elif executor == "slurm":
         if shutil.which("sbatch") is None:
             raise ConfigError("--executor slurm needs Slurm's sbatch here (run on a login node)")
@@ -211,7 +204,7 @@ def submit(
         }
         ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
         k = len(shards)
-        jobs = ex.map_array(run_task, [fields] * k, [location] * k, names, [compile] * k)
+        jobs = ex.map_array(run_task, [fields] * k, [location] * k, names)
     else:
         raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     host = socket.gethostname()

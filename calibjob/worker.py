@@ -57,20 +57,17 @@ def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobC
     if not cfg.prompts:
         cfg = cfg.replace(prompts=read_prompts(cfg.prompt_file))
     cfg.validate()
-    existing = None
     if store_path is not None and Store.exists(store_path):
-        existing = Store.open(store_path).config
-    if cfg.dtype == "auto" and existing is not None:
-        cfg = cfg.replace(dtype=existing.dtype)
-    if cfg.batch_size == 0 and existing is not None:
-        cfg = cfg.replace(batch_size=existing.batch_size)
-    if cfg.dtype == "auto" or cfg.batch_size == 0:
+        cfg = cfg.with_choices_of(Store.open(store_path, mode="r").config)
+    if "auto" in (cfg.dtype, cfg.compile) or cfg.batch_size == 0:
         from calibjob import device
 
         per_prompt = -(-cfg.num_fid_samples // len(cfg.prompts))
+        compile_ = device.resolve_compile(None if cfg.compile == "auto" else cfg.compile == "on")
         cfg = cfg.replace(
             dtype=device.resolve_dtype(cfg.dtype),
             batch_size=device.resolve_batch_size(cfg.batch_size, per_prompt),
+            compile="on" if compile_ else "off",
         )
     return cfg
 
@@ -153,7 +150,6 @@ def run_shard(
     shard: Shard = ALL,
     *,
     show_progress: bool | None = None,
-    compile: bool = False,
 ) -> RunResult:
     """Run shard `shard` of the job `cfg` (resolved) into the store at `store_path`."""
     t0 = time.perf_counter()
@@ -191,7 +187,7 @@ def run_shard(
         cfg_scale=cfg.cfg_scale,
         latent_size=cfg.latent_size,
         seed=cfg.seed,
-        compile=compile,
+        compile=cfg.compile == "on",
     )
     _, ts = store.schedule()
     if not np.array_equal(ts, engine.timesteps_np):
