@@ -187,6 +187,10 @@ def test_run_on_a_store_of_another_job_refuses_and_names_fields(baseline, prompt
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "seed" in proc.stderr and "cfg_scale" in proc.stderr
     assert tree_digest(store) == before
+    # compile is part of the job too (decided once per store: on a GPU it changes the last bits)
+    proc = cli("run", *flags(prompt_file), "--compile", "--store", str(store), check=False)
+    assert proc.returncode == 2 and "compile: store has \"off\", asked \"on\"" in proc.stderr
+    assert tree_digest(store) == before
 
 
 def test_status_reports_and_exits_by_completeness(baseline, prompt_file, tmp_path):
