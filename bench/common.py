@@ -46,19 +46,12 @@ def random_mmdit(config, dtype: mx.Dtype, seed: int = 0, adaln_scale: float = 0.
 
 
 def mmdit_config(*, depth: int, hidden: int, heads: int, text_dim: int, pooled_dim: int, dtype):
-    from diffusionkit.mlx.config import MMDiTConfig
+    """A mid-size MMDiT of DiffusionKit's class: the tiny model's config, grown."""
+    from calibjob.models.tiny import mmdit_config as tiny_config
 
-    return MMDiTConfig(
-        num_heads=heads,
-        depth_multimodal=depth,
-        hidden_size_override=hidden,
-        mlp_ratio=4,
-        vae_latent_dim=16,
-        pooled_text_embed_dim=pooled_dim,
-        token_level_text_embed_dim=text_dim,
-        dtype=dtype,
-        float16_dtype=mx.float16,
-        low_memory_mode=False,
+    return tiny_config(
+        dtype, depth=depth, hidden=hidden, heads=heads, mlp_ratio=4, text_dim=text_dim,
+        pooled_dim=pooled_dim, max_latent_resolution=192,
     )
 
 

@@ -47,16 +47,27 @@ class ByteTokenizer:
         return body[: self.max_length - 1] + [self.eos_token]
 
 
-def mmdit_config(dtype: mx.Dtype) -> MMDiTConfig:
+def mmdit_config(
+    dtype: mx.Dtype,
+    *,
+    depth: int = 2,
+    hidden: int = 64,
+    heads: int = 2,
+    mlp_ratio: int = 2,
+    text_dim: int = TOKEN_DIM,
+    pooled_dim: int = POOLED_DIM,
+    max_latent_resolution: int = 128,
+) -> MMDiTConfig:
+    """The tiny model's MMDiT config; the sizes are parameters so benchmarks can grow it."""
     return MMDiTConfig(
-        num_heads=2,
-        depth_multimodal=2,
-        hidden_size_override=64,
-        mlp_ratio=2,
+        num_heads=heads,
+        depth_multimodal=depth,
+        hidden_size_override=hidden,
+        mlp_ratio=mlp_ratio,
         vae_latent_dim=16,
-        max_latent_resolution=128,
-        pooled_text_embed_dim=POOLED_DIM,
-        token_level_text_embed_dim=TOKEN_DIM,
+        max_latent_resolution=max_latent_resolution,
+        pooled_text_embed_dim=pooled_dim,
+        token_level_text_embed_dim=text_dim,
         dtype=dtype,
         float16_dtype=mx.float16,
         low_memory_mode=False,  # DiffusionKit's low-memory SDPA flag fails on MLX >= 0.24.2
