@@ -12,33 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibjob.config import PROJECT_ROOT, JobConfig, load_job_file
 from calibjob.inspect_data import RunningStats, inspect_npz, inspect_store
-from calibjob.merge import merge
 from calibjob.store import Store
 
 CLI = [sys.executable, "-c", "from calibjob.cli import main; main()"]
-
-
-def build_dry_run(tmp_path_factory) -> tuple[Path, Path]:
-    """The dry-run job on the tiny model, run by the worker and merged, once per session
-    (both test modules ask for it; whichever comes first builds it)."""
-    from calibjob.worker import resolve_config, run_shard
-
-    root = tmp_path_factory.getbasetemp() / "calib-dry-run"
-    store, npz = root / "dry-run.zarr", root / "dry_run_cali.npz"
-    if not npz.exists():
-        root.mkdir(exist_ok=True)
-        fields = load_job_file(PROJECT_ROOT / "jobs" / "dry-run.toml")
-        cfg = resolve_config(JobConfig.from_dict({**fields, "model_version": "tiny"}), store)
-        run_shard(cfg, store, show_progress=False)
-        merge([store], npz)
-    return store, npz
-
-
-@pytest.fixture(scope="session")
-def dry_run(tmp_path_factory) -> tuple[Path, Path]:
-    return build_dry_run(tmp_path_factory)
 
 
 def cli(*args) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,6 @@ from PIL import Image
 
 from calibjob.errors import ConfigError
 from calibjob.store import Store
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_inspect import build_dry_run  # noqa: E402  (the session's one dry-run store)
-
-
-@pytest.fixture(scope="session")
-def dry_run(tmp_path_factory) -> tuple[Path, Path]:
-    return build_dry_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
