@@ -78,34 +78,34 @@ def run(
     model_version: Annotated[
         str | None,
         typer.Option(
-            help="'tiny' (built in), 'sd3-medium' or a DiffusionKit SD3 key. [paper: sd3-medium]"
+            help="'tiny' (built in), 'sd3-medium' or a DiffusionKit SD3 key. (paper: sd3-medium)"
         ),
     ] = None,
-    num_fid_samples: Annotated[int | None, typer.Option(help="Trajectories. [paper: 256]")] = None,
+    num_fid_samples: Annotated[int | None, typer.Option(help="Trajectories. (paper: 256)")] = None,
     num_sampling_steps: Annotated[
-        int | None, typer.Option(help="Euler steps per trajectory. [paper: 100]")
+        int | None, typer.Option(help="Euler steps per trajectory. (paper: 100)")
     ] = None,
     num_selected_steps: Annotated[
-        int | None, typer.Option(help="Uniformly selected steps kept by merge. [paper: 25]")
+        int | None, typer.Option(help="Uniformly selected steps kept by merge. (paper: 25)")
     ] = None,
     latent_size: Annotated[
         tuple[int, int] | None,
-        typer.Option(help="Latent H W (pixels / 8; even). [paper: 32 32 = 256x256]"),
+        typer.Option(help="Latent H W (pixels / 8; even). (paper: 32 32 = 256x256)"),
     ] = None,
     cfg_scale: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance. [paper: 1.5]")
+        float | None, typer.Option(help="Classifier-free guidance. (paper: 1.5)")
     ] = None,
     prompt_file: Annotated[
-        str | None, typer.Option(help="Prompts, one a line. [prompts/sample_prompts.txt]")
+        str | None, typer.Option(help="Prompts, one a line. (default: prompts/sample_prompts.txt)")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Job seed: noise of trajectory k and the merge shuffle. [0]")
+        int | None, typer.Option(help="Job seed: noise of trajectory k and the merge shuffle. (default: 0)")
     ] = None,
     low_memory_mode: Annotated[
         bool | None,
         typer.Option(
             "--low-memory-mode/--no-low-memory-mode",
-            help="Free the text encoders before denoising. [on]",
+            help="Free the text encoders before denoising. (default: on)",
         ),
     ] = None,
     local_ckpt: Annotated[
@@ -113,12 +113,12 @@ def run(
         typer.Option(help="Local MMDiT/VAE checkpoint (.safetensors) instead of the hub."),
     ] = None,
     shift: Annotated[
-        float | None, typer.Option(help="Schedule shift; SD3's own is 3.0. [3.0]")
+        float | None, typer.Option(help="Schedule shift; SD3's own is 3.0. (default: 3.0)")
     ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Trajectories of one prompt per model call; 0 = auto for the device. [0]"
+            help="Trajectories of one prompt per model call; 0 = auto for the device. (default: 0)"
         ),
     ] = None,
     dtype: Annotated[
