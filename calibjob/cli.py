@@ -99,7 +99,8 @@ def run(
         str | None, typer.Option(help="Prompts, one a line. (default: prompts/sample_prompts.txt)")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Job seed: noise of trajectory k and the merge shuffle. (default: 0)")
+        int | None,
+        typer.Option(help="Job seed: noise of trajectory k and the merge shuffle. (default: 0)"),
     ] = None,
     low_memory_mode: Annotated[
         bool | None,
