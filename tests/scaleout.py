@@ -91,3 +91,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_one_worker_mid_run(p: subprocess.Popen, location: str) -> tuple[str, str]:
+    """SIGKILL one of `launch`'s workers while it still has units left, let `launch` finish
+    (it waits, then prints status); return the killed shard and launch's output."""
+    try:
+        shard, pid = wait_for(
+            lambda: running_worker(location, min_units_left=2), 120, "a worker mid-run"
+        )
+        os.kill(pid, signal.SIGKILL)
+        out = finish(p, 180)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return shard, out

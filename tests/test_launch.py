@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 from conftest import assert_same_npz, cli
-from scaleout import finish, flags, reference, running_worker, start, wait_for
+from scaleout import finish, flags, kill_one_worker_mid_run, reference, start
 
 from calibjob.store import Store
 
@@ -21,16 +20,7 @@ def test_local_launch_sigkill_one_worker_then_launch_again(prompt_file, tmp_path
     # two "GPUs" visible: workers are pinned round robin (MLX on CPU ignores the variable)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
     p = start(*args, env=env)
-    try:
-        shard, pid = wait_for(
-            lambda: running_worker(str(store), min_units_left=2), 120, "a worker mid-run"
-        )
-        os.kill(pid, signal.SIGKILL)
-        out = finish(p, 180)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    shard, out = kill_one_worker_mid_run(p, str(store))
     assert p.returncode == 1, out  # incomplete
     assert f"shard {shard}: failed" in out, out
     assert f"shard {shard} failed (job" in out, out  # the status part, with the log's end

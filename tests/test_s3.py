@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_same_npz, cli
-from scaleout import finish, flags, free_port, reference, running_worker, start, wait_for
+from scaleout import flags, free_port, kill_one_worker_mid_run, reference, start, wait_for
 
 from calibjob.store import LOCK_NAME, Store
 
@@ -87,16 +86,7 @@ def test_s3_store_sigkill_stale_lock_resume_merge(s3, prompt_file, tmp_path_fact
         "launch", *flags(prompt_file), "--store", url, "--shards", "2", "--logs", str(logs),
         env=s3,
     )
-    try:
-        shard, pid = wait_for(
-            lambda: running_worker(url, min_units_left=2), 120, "a worker mid-run"
-        )
-        os.kill(pid, signal.SIGKILL)
-        out = finish(p, 180)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    shard, out = kill_one_worker_mid_run(p, url)
     assert p.returncode == 1, out
     assert f"shard {shard}: failed" in out, out
     assert json.loads((logs / "launch.json").read_text())["store"] == url
