@@ -27,7 +27,8 @@ while the device computes step i.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -186,13 +187,15 @@ class Engine:
         self._steps[batch] = fn
         return fn
 
-    def _call(self, fn: Callable, *args) -> mx.array:
-        """Run a step with the slots standing in for the modules' modulation caches."""
+    @contextlib.contextmanager
+    def _slots_installed(self) -> Iterator[None]:
+        """The slots stand in for the modules' modulation caches for a whole unit (installed
+        once, not per step), and whatever was there before comes back afterwards."""
         saved = [m.__dict__.get("_modulation_params") for m in self._modules]
         for m, slot in zip(self._modules, self._slots, strict=True):
             m._modulation_params = slot
         try:
-            return fn(*args)
+            yield
         finally:
             for m, old, slot in zip(self._modules, saved, self._slots, strict=True):
                 slot.value = None
@@ -218,15 +221,16 @@ class Engine:
         x = self.initial_latents(trajectories)
         mx.eval(x)
         recorded = []
-        for i in range(self.num_steps):
-            recorded.append(x)
-            nxt = self._call(fn, x, cond, self._sigma[i], self._sigma[i + 1], self._mods[i])
-            mx.async_eval(nxt)  # queued behind step i-1: the device never waits for the host
-            if i > 0:
-                mx.eval(x)  # step i-1 done; at most one step in flight ahead of it
-                if on_step is not None:
-                    on_step(batch)
-            x = nxt
+        with self._slots_installed():
+            for i in range(self.num_steps):
+                recorded.append(x)
+                nxt = fn(x, cond, self._sigma[i], self._sigma[i + 1], self._mods[i])
+                mx.async_eval(nxt)  # queued behind step i-1: the device never waits for the host
+                if i > 0:
+                    mx.eval(x)  # step i-1 done; at most one step in flight ahead of it
+                    if on_step is not None:
+                        on_step(batch)
+                x = nxt
         xs = mx.stack(recorded, axis=1)
         mx.eval(xs, x)
         if on_step is not None:
