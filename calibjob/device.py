@@ -68,15 +68,16 @@ def mx_dtype(name: str) -> mx.Dtype:
     return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[name]
 
 
-def resolve_compile(compile: bool | None) -> bool:
-    """None = auto: `mx.compile` the Euler step on a GPU, not on CPU. Measured (mlx 0.32.4): on an
-    H100 the paper job takes 2.9 min compiled against 3.1 eager once MLX's kernel cache is warm
+def resolve_compile(name: str) -> str:
+    """'auto' is 'on' (`mx.compile` the Euler step) on a GPU, 'off' on CPU. Measured (mlx
+    0.32.4): on an H100 the paper job takes 2.9 min compiled against 3.1 eager once MLX's
+    kernel cache is warm
     (3.6 against 3.4 on a fresh machine, which JIT-compiles ~10 fused kernels once); compiled
     results are deterministic but differ from the spec loop at fp16 rounding (eager is
     bit-identical to it). On CPU compiling gains nothing and costs a C++ compile."""
-    if compile is None:
-        return on_gpu()
-    return bool(compile)
+    if name != "auto":
+        return name
+    return "on" if on_gpu() else "off"
 
 
 def resolve_batch_size(batch_size: int, trajectories_per_prompt: int) -> int:

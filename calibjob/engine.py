@@ -102,7 +102,8 @@ class Engine:
         self.cfg_scale = cfg_scale
         self.latent_size = tuple(latent_size)
         self.seed = seed
-        self.compile = device.resolve_compile(compile)  # None: on a GPU only
+        # None: the job's 'auto' (on a GPU only)
+        self.compile = device.resolve_compile("auto") == "on" if compile is None else compile
         sigmas, timesteps = model.schedule(num_steps)
         self.sigmas_np, self.timesteps_np = sigmas, timesteps
         self.sigmas = mx.array(sigmas)

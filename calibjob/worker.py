@@ -63,11 +63,10 @@ def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobC
         from calibjob import device
 
         per_prompt = -(-cfg.num_fid_samples // len(cfg.prompts))
-        compile_ = device.resolve_compile(None if cfg.compile == "auto" else cfg.compile == "on")
         cfg = cfg.replace(
             dtype=device.resolve_dtype(cfg.dtype),
             batch_size=device.resolve_batch_size(cfg.batch_size, per_prompt),
-            compile="on" if compile_ else "off",
+            compile=device.resolve_compile(cfg.compile),
         )
     return cfg
 
