@@ -27,6 +27,10 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+_PAPER = JobConfig()  # the paper's defaults, shown in --help from their one home
+_H, _W = _PAPER.latent_size
+_LATENT = f"{_H} {_W} = {8 * _H}x{8 * _W} pixels"
+
 EXIT_ERROR = 2
 EXIT_INCOMPLETE = 1
 
@@ -78,29 +82,38 @@ def run(
     model_version: Annotated[
         str | None,
         typer.Option(
-            help="'tiny' (built in), 'sd3-medium' or a DiffusionKit SD3 key. (paper: sd3-medium)"
+            help="'tiny' (built in), 'sd3-medium' or a DiffusionKit SD3 key. "
+            f"(paper: {_PAPER.model_version})"
         ),
     ] = None,
-    num_fid_samples: Annotated[int | None, typer.Option(help="Trajectories. (paper: 256)")] = None,
+    num_fid_samples: Annotated[
+        int | None, typer.Option(help=f"Trajectories. (paper: {_PAPER.num_fid_samples})")
+    ] = None,
     num_sampling_steps: Annotated[
-        int | None, typer.Option(help="Euler steps per trajectory. (paper: 100)")
+        int | None,
+        typer.Option(help=f"Euler steps per trajectory. (paper: {_PAPER.num_sampling_steps})"),
     ] = None,
     num_selected_steps: Annotated[
-        int | None, typer.Option(help="Uniformly selected steps kept by merge. (paper: 25)")
+        int | None,
+        typer.Option(
+            help=f"Uniformly selected steps kept by merge. (paper: {_PAPER.num_selected_steps})"
+        ),
     ] = None,
     latent_size: Annotated[
         tuple[int, int] | None,
-        typer.Option(help="Latent H W (pixels / 8; even). (paper: 32 32 = 256x256)"),
+        typer.Option(help=f"Latent H W (pixels / 8; even). (paper: {_LATENT})"),
     ] = None,
     cfg_scale: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance. (paper: 1.5)")
+        float | None, typer.Option(help=f"Classifier-free guidance. (paper: {_PAPER.cfg_scale})")
     ] = None,
     prompt_file: Annotated[
-        str | None, typer.Option(help="Prompts, one a line. (default: prompts/sample_prompts.txt)")
+        str | None, typer.Option(help=f"Prompts, one a line. (default: {_PAPER.prompt_file})")
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option(help="Job seed: noise of trajectory k and the merge shuffle. (default: 0)"),
+        typer.Option(
+            help=f"Job seed: noise of trajectory k and the merge shuffle. (default: {_PAPER.seed})"
+        ),
     ] = None,
     low_memory_mode: Annotated[
         bool | None,
@@ -114,7 +127,8 @@ def run(
         typer.Option(help="Local MMDiT/VAE checkpoint (.safetensors) instead of the hub."),
     ] = None,
     shift: Annotated[
-        float | None, typer.Option(help="Schedule shift; SD3's own is 3.0. (default: 3.0)")
+        float | None,
+        typer.Option(help=f"Schedule shift; SD3's own is 3.0. (default: {_PAPER.shift})"),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -191,7 +205,7 @@ def resume(
 ) -> None:
     """Continue a job from the config saved in its store; no options need repeating.
 
-        calibjob resume out/dry.zarr
+    calibjob resume out/dry.zarr
     """
     from calibjob.remote import normalize
     from calibjob.shards import ALL, parse_shard
@@ -414,7 +428,7 @@ def merge(
 ) -> None:
     """Select steps, shuffle with the job seed and write the paper-format .npz (atomically).
 
-        calibjob merge out/dry.zarr -o out/dry_run_cali.npz
+    calibjob merge out/dry.zarr -o out/dry_run_cali.npz
     """
     from rich.progress import Progress
 
@@ -428,7 +442,10 @@ def merge(
     with Progress(console=err, disable=not sys.stderr.isatty()) as prog:
         task = prog.add_task("reading trajectories", total=n)
         summary = do_merge(
-            stores, output, step_selection=step_selection, force=force,
+            stores,
+            output,
+            step_selection=step_selection,
+            force=force,
             on_trajectory=lambda: prog.advance(task),
         )
     out.print(
@@ -462,7 +479,8 @@ def inspect_cmd(
     if rep.problems:
         err.print(
             f"calibjob: error: {path} fails validation ({len(rep.problems)} problem(s)):",
-            markup=False, highlight=False,
+            markup=False,
+            highlight=False,
         )
         for p in rep.problems:
             err.print(f"  - {p}", markup=False, highlight=False)
