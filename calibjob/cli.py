@@ -58,13 +58,94 @@ def build_config(job: Path | None, **flags) -> JobConfig:
 
 
 def _print_result(res, store: Path | str, shard: str) -> None:
-    if res.units_run == 0:
-        out.print(f"shard {shard}: nothing left to do in {store}")
-    else:
+    from calibjob.progress import THROUGHPUT, plural
+    from calibjob.worker import fmt_ranges
+
+    if res.units_run == 0 and not res.units_elsewhere:
+        out.print(f"shard {shard}: nothing left to do in {store}", markup=False)
+    elif res.units_run:
         out.print(
-            f"shard {shard}: {res.trajectories_run} trajectories in {res.units_run} units, "
-            f"{res.seconds:.1f} s, {res.traj_steps_per_s:.1f} trajectory-steps/s -> {store}"
+            f"shard {shard}: {plural(res.trajectories_run, 'trajectory')} in "
+            f"{plural(res.units_run, 'unit')}, {res.traj_steps_per_s:.1f} {THROUGHPUT} "
+            f"denoising; wall time {res.seconds:.1f} s -> {store}",
+            markup=False,
         )
+    if res.units_elsewhere:
+        who = sorted(set(res.held_by.values()))
+        out.print(
+            f"shard {shard}: {plural(len(res.units_elsewhere), 'unit')} "
+            f"({fmt_ranges(res.units_elsewhere)}) held by live workers ({', '.join(who)}); "
+            f"they finish there: follow with `calibjob status {store}`",
+            markup=False,
+        )
+
+
+def _check_output(output: Path | None, force: bool) -> None:
+    """Refuse an output that exists (unless --force) before hours of work, not after."""
+    if output is None:
+        return
+    if output.is_dir():
+        _fail(f"{output} is a folder")
+    if not output.parent.is_dir():
+        _fail(f"output folder {output.parent} does not exist")
+    if output.exists() and not force:
+        _fail(f"{output} exists; pass --force to replace it")
+
+
+def _merge_if_complete(store: str, output: Path | None, force: bool, shard: str) -> None:
+    """`run -o` / `resume -o`: when the job is complete, merge it, once. The worker that finds
+    it complete takes the store's 'merge' claim; one that finds the claim taken leaves it."""
+    if output is None:
+        return
+    from calibjob.claims import Claims
+    from calibjob.merge import merge as do_merge
+    from calibjob.store import Store
+
+    st = Store.open(store)
+    if not st.done_mask().all():
+        left = int((~st.done_mask()).sum())
+        out.print(
+            f"shard {shard}: the job is not complete yet ({left} trajectories left elsewhere); "
+            f"the worker that completes it writes {output}",
+            markup=False,
+        )
+        return
+    claims = Claims(st)
+    other = claims.take("merge")
+    if other is not None:
+        out.print(f"shard {shard}: {other.describe()} is merging to {output}", markup=False)
+        return
+    try:
+        if output.exists() and not force:
+            out.print(f"shard {shard}: {output} was written by another worker", markup=False)
+            return
+        summary = do_merge([store], output, force=force)
+    finally:
+        claims.close()
+    _print_merged(summary)
+
+
+def _print_merged(summary) -> None:
+    out.print(
+        f"wrote {summary.out}: {summary.points} points from {summary.trajectories} trajectories "
+        f"at steps {summary.selected_steps} ({summary.bytes / 1e6:.1f} MB)",
+        markup=False,
+    )
+
+
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "-o",
+        "--output",
+        help="When the job is complete, merge it to this .npz (as `calibjob merge`); with "
+        "several shards the worker that completes the job merges, once.",
+        show_default=False,
+    ),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output file.")
+]
 
 
 @app.command()
@@ -152,8 +233,14 @@ def run(
     ] = None,
     progress: Annotated[
         bool | None,
-        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress bar; default: a bar on a terminal, else one log line per unit "
+            "(at most one per 30 s).",
+        ),
     ] = None,
+    output: OutputOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Generate trajectories of a job (or one shard of it) into a Zarr store.
 
@@ -186,9 +273,11 @@ def run(
 
     sh = parse_shard(shard)
     store = normalize(store)
+    _check_output(output, force)
     cfg = resolve_config(cfg, store)
     res = run_shard(cfg, store, sh, show_progress=progress)
     _print_result(res, store, str(sh))
+    _merge_if_complete(store, output, force, str(sh))
 
 
 @app.command()
@@ -196,27 +285,53 @@ def resume(
     store: LocationArg,
     shard: Annotated[
         str | None,
-        typer.Option(help="Only this shard's units (i/n or 'auto'); default: everything left."),
+        typer.Option(help="Only this shard's units (i/n or 'auto').", show_default=False),
     ] = None,
+    all_shards: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Every unit left, also those of shards that never ran on this store (by "
+            "default a store where only some shards ran, one per machine, continues only those).",
+        ),
+    ] = False,
     progress: Annotated[
         bool | None,
-        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress bar; default: a bar on a terminal, else one log line per unit.",
+        ),
     ] = None,
+    output: OutputOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Continue a job from the config saved in its store; no options need repeating.
 
-    calibjob resume out/dry.zarr
+    Repairs what a crash or a damaged disk left (markers, metadata, conditioning, chunks),
+    skips units other live workers hold, and computes the rest.
+
+        calibjob resume out/dry.zarr
     """
     from calibjob.remote import normalize
     from calibjob.shards import ALL, parse_shard
+    from calibjob.status import shards_run_here
     from calibjob.store import Store
     from calibjob.worker import run_shard
 
     store = normalize(store)
-    cfg = Store.open(store).config
-    sh = parse_shard(shard) if shard else ALL
-    res = run_shard(cfg, store, sh, show_progress=progress)
-    _print_result(res, store, str(sh))
+    _check_output(output, force)
+    st = Store.open(store)
+    cfg = st.config
+    if shard:
+        shards = [parse_shard(shard)]
+    elif all_shards:
+        shards = [ALL]
+    else:
+        shards = shards_run_here(st) or [ALL]
+    res = run_shard(cfg, store, shards[0], show_progress=progress, shards=shards)
+    name = ", ".join(str(s) for s in shards)
+    _print_result(res, store, name)
+    _merge_if_complete(store, output, force, name)
 
 
 LogsOpt = Annotated[
@@ -229,21 +344,34 @@ LogsOpt = Annotated[
 
 
 @app.command()
-def status(store: LocationArg, logs: LogsOpt = None) -> None:
-    """Done / total per shard, missing trajectories, throughput and ETA; for a launched job,
-    each shard's job state, and the end of the log of every shard that failed.
+def status(
+    store: LocationArg,
+    logs: LogsOpt = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Also read every done chunk and check its checksum (reads the whole store); "
+            "without it each chunk is checked for presence and size only.",
+        ),
+    ] = False,
+) -> None:
+    """Done / total per shard, damaged or missing trajectories, throughput and ETA; for a
+    launched job each shard's state, and the end of the log of every shard that failed.
 
-    Exit 0 when the job is complete, 1 when it is not.
+    Exit 0 when the job is complete, or when every shard that ran on this store is complete
+    and the others are expected in other stores (one store per machine); 1 otherwise.
 
         calibjob status out/dry.zarr
     """
-    if not _print_status(store, logs):
+    if not _print_status(store, logs, verify):
         raise typer.Exit(EXIT_INCOMPLETE)
 
 
-def _print_status(store: str, logs: str | None) -> bool:
-    """Print `status` for a store; True when the job is complete."""
+def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
+    """Print `status` for a store; True when it is complete (or complete for its shards)."""
     from calibjob import launch
+    from calibjob.progress import THROUGHPUT, fmt_eta, plural
     from calibjob.status import store_status
     from calibjob.store import Store
     from calibjob.worker import fmt_ranges
@@ -257,41 +385,70 @@ def _print_status(store: str, logs: str | None) -> bool:
         _print_failures(tasks, {sh for sh, st in states.items() if st == "failed"})
         return False
     st = Store.open(store, mode="r")
-    s = store_status(st, shards=list(tasks))
+    s = store_status(st, shards=list(tasks), verify=verify)
     cfg = st.config
     job = f"{cfg.model_version}, {cfg.num_fid_samples} x {cfg.num_sampling_steps} steps"
     table = Table(title=f"{st.path}  ({job})")
-    table.add_column("shard")
-    table.add_column("done", justify="right")
-    table.add_column("total", justify="right")
-    table.add_column("traj-steps/s", justify="right")
-    table.add_column("last report", justify="right")
-    if states:
-        table.add_column("job")
+    for col, just in (
+        ("shard", "left"), ("done", "right"), ("total", "right"), (THROUGHPUT, "right"),
+        ("peak GB", "right"), ("last report", "right"), ("state", "left"),
+    ):  # fmt: skip
+        table.add_column(col, justify=just)
     for r in s.rows:
-        row = [
+        state = r.state
+        launched = states.get(r.shard)
+        if launched:
+            if launched == "failed" and r.state == "interrupted":
+                launched = "interrupted"
+            state = f"{launched} (job {tasks[r.shard]['job_id']})"
+        table.add_row(
             r.shard,
             str(r.done),
             str(r.total),
             f"{r.traj_steps_per_s:.1f}" if r.traj_steps_per_s else "-",
+            f"{r.peak_memory_gb:.2f}" if r.peak_memory_gb else "-",
             f"{r.last_seen_s:.0f} s ago" if r.last_seen_s is not None else "-",
-        ]
-        if states:
-            st_ = states.get(r.shard)
-            row.append(f"{st_} ({tasks[r.shard]['job_id']})" if st_ else "-")
-        table.add_row(*row)
+            state,
+        )
     rate = f"{s.traj_steps_per_s:.1f}" if s.traj_steps_per_s else "-"
-    last = ["all", str(s.done), str(s.total), rate, ""]
-    table.add_row(*last, *([""] if states else []), style="bold")
+    table.add_row("all", str(s.done), str(s.total), rate, "", "", "", style="bold")
     out.print(table)
+    interrupted = {r.shard for r in s.rows if r.state == "interrupted"}
     incomplete = {r.shard for r in s.rows if r.done < r.total}
-    _print_failures(tasks, {sh for sh, st in states.items() if st == "failed"} & incomplete)
+    failed = {sh for sh, x in states.items() if x == "failed"} & incomplete - interrupted
+    _print_failures(tasks, failed)
+    if s.damaged:
+        out.print(
+            f"damaged: {plural(len(s.damaged), 'trajectory')} marked done whose chunk is "
+            f"missing or corrupt ({fmt_ranges(s.damaged)}); `calibjob resume {loc}` recomputes "
+            f"their units",
+            markup=False,
+        )
     if s.complete:
-        out.print("complete: ready for `calibjob merge`")
+        out.print("complete: ready for `calibjob merge`", markup=False)
         return True
-    out.print(f"missing trajectories ({len(s.missing)}): {fmt_ranges(s.missing)}")
+    if interrupted:
+        out.print(
+            f"shard {', '.join(sorted(interrupted))} interrupted; continue with "
+            f"`calibjob resume {loc}`",
+            markup=False,
+        )
+    if s.complete_here and s.elsewhere:
+        others = [r.shard for r in s.rows if r.state == "not run here"]
+        out.print(
+            f"complete here: every shard that ran on this store ({', '.join(s.ran_here)}) is "
+            f"done; shard {', '.join(others)} ({plural(len(s.elsewhere), 'trajectory')}) is "
+            f"expected in other stores: merge them together (`calibjob merge {loc} OTHER...`)",
+            markup=False,
+        )
+        return True
+    missing = [k for k in s.missing if k not in set(s.damaged)]
+    if missing:
+        out.print(f"missing trajectories ({len(missing)}): {fmt_ranges(missing)}", markup=False)
     if s.eta_s is not None:
-        out.print(f"ETA at the current rate: {s.eta_s / 60:.1f} min")
+        out.print(f"ETA at the current rate: {fmt_eta(s.eta_s)}", markup=False)
+    elif not s.live_workers:
+        out.print(f"no worker is running: continue with `calibjob resume {loc}`", markup=False)
     return False
 
 
@@ -518,6 +675,9 @@ def preview(
 
 def main() -> None:
     """Console-script entry: run the app, turning expected failures into one-line errors."""
+    from calibjob import interrupts
+
+    interrupts.install()
     try:
         rc = app(standalone_mode=False)
     except CalibjobError as e:
@@ -525,10 +685,8 @@ def main() -> None:
     except OSError as e:  # a full disk, a permission, a vanished file: the OS's own words
         _fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e.strerror or e))
     except KeyboardInterrupt:
-        err.print(
-            "calibjob: interrupted; finished units are kept, `calibjob resume STORE` continues"
-        )
-        sys.exit(130)
+        err.print(interrupts.message(), markup=False, highlight=False)
+        sys.exit(interrupts.EXIT_INTERRUPTED)
     except Exception as e:
         # usage errors of Typer's bundled click: print its usage message, not a traceback
         if hasattr(e, "show") and hasattr(e, "exit_code"):

@@ -15,3 +15,15 @@ class StoreError(CalibjobError):
 
 class ModelUnavailable(CalibjobError):
     """Model weights that cannot be had here; the message says how to get them."""
+
+
+class StoreDamaged(StoreError):
+    """A store file that fails its checksum or does not parse. Names the file; `resume`
+    repairs what can be recomputed (markers, metadata, the conditioning, chunks)."""
+
+    def __init__(self, location: str, key: str, why: str = "unreadable"):
+        self.location, self.key, self.why = location, key, why
+        super().__init__(
+            f"{location.rstrip('/')}/{key} is damaged ({why}); "
+            f"`calibjob resume {location}` repairs it"
+        )

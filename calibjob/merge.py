@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibjob.errors import ConfigError, StoreError
+from calibjob import remote
+from calibjob.errors import ConfigError, StoreDamaged, StoreError
 from calibjob.selection import select_steps, shuffle_order
+from calibjob.shards import Shard, work_units
 from calibjob.store import Store, check_same_job
 
 ROWS_PER_WRITE = 256
@@ -53,9 +55,48 @@ def coverage(stores: list[Store]) -> np.ndarray:
     if missing.size:
         raise ConfigError(
             f"incomplete: {missing.size} of {n} trajectories missing ({fmt_ranges(missing)}); "
-            f"finish them with `calibjob resume STORE`"
+            + _where_missing(stores, missing)
         )
     return owner
+
+
+def _where_missing(stores: list[Store], missing: np.ndarray) -> str:
+    """Advice for a gap: the shards to bring (stores of one machine each), or `resume`."""
+    from calibjob.status import shards_run_here
+
+    cfg = stores[0].config
+    units = work_units(cfg.num_fid_samples, len(cfg.prompts), cfg.batch_size)
+    ran = [sh for s in stores for sh in shards_run_here(s)]
+    counts = {sh.count for sh in ran}
+    if ran and len(counts) == 1 and counts != {1}:
+        n = counts.pop()
+        lacking = {
+            str(Shard(i, n))
+            for i in range(n)
+            for u in Shard(i, n).units(units)
+            if set(u.trajectories) & set(missing.tolist())
+        }
+        absent = sorted(x for x in lacking if x not in {str(sh) for sh in ran})
+        if absent:
+            return (
+                f"they belong to shard {', '.join(absent)}, which ran in no store given: add "
+                f"its store to the merge (calibjob merge STORE... OTHER_STORE)"
+            )
+    where = stores[0].path if len(stores) == 1 else "STORE"
+    return f"finish them with `calibjob resume {where}`"
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary files of earlier merges to `out` whose process has ended (a SIGKILLed merge
+    leaves `.OUT.PID.partial`); a running merge's file is left alone."""
+    from calibjob.claims import pid_alive
+
+    if not out.parent.is_dir():
+        return
+    for f in out.parent.glob(f".{out.name}.*.partial"):
+        pid = f.name[len(out.name) + 2 : -len(".partial")]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            f.unlink(missing_ok=True)
 
 
 def _write_npy(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
@@ -79,6 +120,13 @@ def merge(
         raise ConfigError(f"{out} is a folder")
     if not out.parent.is_dir():
         raise ConfigError(f"output folder {out.parent} does not exist")
+    _remove_stale_partials(out)
+    seen: dict[str, str] = {}
+    for p in paths:
+        key = str(Path(p).resolve()) if not remote.is_url(str(p)) else str(p)
+        if key in seen:
+            raise ConfigError(f"the same store was given twice: {seen[key]} and {p}")
+        seen[key] = str(p)
     stores = [Store.open(p, mode="r") for p in paths]
     check_same_job(stores)
     cfg = stores[0].config
@@ -94,11 +142,10 @@ def merge(
     for k in range(n):
         try:
             selected[k] = stores[owner[k]].read_trajectory(k)[sel]
-        except Exception as e:
-            where = stores[owner[k]].path
+        except StoreDamaged as e:
             raise StoreError(
-                f"trajectory {k} in {where} is unreadable or corrupt ({type(e).__name__}); "
-                f"run `calibjob resume {where}` to recompute it"
+                f"trajectory {k}: {e.location.rstrip('/')}/{e.key} is damaged ({e.why}); "
+                f"`calibjob resume {e.location}` recomputes its unit"
             ) from None
         if on_trajectory is not None:
             on_trajectory()
@@ -133,7 +180,14 @@ def merge(
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, out)
+        if force:
+            os.replace(tmp, out)
+        else:
+            try:  # create `out` only if absent: two merges never silently replace each other
+                os.link(tmp, out)
+            except FileExistsError:
+                raise ConfigError(f"{out} exists; pass --force to replace it") from None
+            tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

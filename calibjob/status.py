@@ -1,20 +1,27 @@
-"""Status of a store: done / total per shard, missing trajectories, throughput and ETA.
+"""Status of a store: done / total per shard, missing and damaged trajectories, throughput, ETA.
 
-Reads only markers and the small per-shard progress records, never the latents, and imports
-no model code, so it answers at once even on a paper-scale store.
+Reads only markers, chunk sizes and the small per-shard progress records, never the latents
+(unless asked to verify checksums), and imports no model code, so it answers at once even on
+a paper-scale store.
+
+A store knows which shards ran on it (each worker records its shard when it starts). In the
+one-store-per-machine workflow a store holds some shards only: those are judged complete or
+not, and the others are expected in other stores.
 """
 
 from __future__ import annotations
 
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from calibjob.shards import Shard, parse_shard, work_units
+from calibjob.claims import live_claims, pid_alive
+from calibjob.shards import ALL, Shard, parse_shard, work_units
 from calibjob.store import Store
 
-ACTIVE_WINDOW_S = 600.0  # a shard that reported within this window counts toward throughput
+ACTIVE_WINDOW_S = 600.0  # a running shard that reported within this window may count as live
 
 
 @dataclass
@@ -24,6 +31,8 @@ class ShardRow:
     total: int
     traj_steps_per_s: float | None
     last_seen_s: float | None
+    state: str  # running, finished, interrupted, running elsewhere, not run here, unknown
+    peak_memory_gb: float | None = None
 
 
 @dataclass
@@ -35,42 +44,121 @@ class Status:
     traj_steps_per_s: float
     eta_s: float | None
     encoded: bool
+    damaged: list[int] = field(default_factory=list)  # marked done, chunk missing or bad
+    ran_here: list[str] = field(default_factory=list)
+    elsewhere: list[int] = field(default_factory=list)  # trajectories of shards not run here
+    live_workers: int = 0
 
     @property
     def complete(self) -> bool:
-        return self.done == self.total
+        return self.done == self.total and not self.damaged
+
+    @property
+    def complete_here(self) -> bool:
+        """Every shard that ran on this store is complete (the rest belong to other stores)."""
+        missing_here = set(self.missing) - set(self.elsewhere)
+        return not missing_here and not self.damaged
 
 
-def store_status(store: Store, shards: list[str] | tuple[str, ...] = ()) -> Status:
-    """`shards`: shard names to show even before they report (e.g. those `launch` started)."""
+def shards_run_here(store: Store) -> list[Shard]:
+    """The shards whose workers ran on this store (from their progress records); [] if none
+    recorded. A record of the whole job (0/1) makes it [ALL]."""
+    out = []
+    for name in store.progress():
+        try:
+            out.append(parse_shard(name))
+        except Exception:  # noqa: BLE001  (a record we cannot read names no shard)
+            continue
+    if any(s.count == 1 for s in out):
+        return [ALL]
+    return sorted(set(out), key=lambda s: (s.count, s.index))
+
+
+def store_status(
+    store: Store, shards: list[str] | tuple[str, ...] = (), verify: bool = False
+) -> Status:
+    """`shards`: shard names to show even before they report (e.g. those `launch` started).
+    `verify`: read every done chunk and check its checksum (else only its size)."""
     cfg = store.config
     units = work_units(cfg.num_fid_samples, len(cfg.prompts), cfg.batch_size)
-    done = store.done_mask()
+    done, bad_markers = store.read_markers()
+    done_ks = np.flatnonzero(done).tolist()
+    damaged = sorted(set(bad_markers) | set(store.chunk_sizes_ok(done_ks)))
+    if verify:
+        damaged = sorted(
+            set(damaged) | {k for k in done_ks if k not in damaged and not store._chunk_ok(k)}
+        )
+    good = done.copy()
+    good[damaged] = False
     progress = store.progress()
+    ran = shards_run_here(store)
+    names = set(progress) | set(shards)
     specs: list[Shard] = []
-    for name in sorted(set(progress) | set(shards), key=_shard_order):
+    for name in sorted(names, key=_shard_order):
         try:
             specs.append(parse_shard(name))
-        except Exception:  # noqa: BLE001  (a record we cannot read is just not shown)
+        except Exception:  # noqa: BLE001
             continue
+    counts = {s.count for s in ran}
+    if len(counts) == 1 and ran != [ALL]:  # one store per machine: show the others too
+        n = counts.pop()
+        specs = sorted(set(specs) | {Shard(i, n) for i in range(n)}, key=_by_count)
     if not specs:
-        specs = [Shard(0, 1)]
+        specs = [ALL]
+    claims = live_claims(store)
+    here_traj: set[int] = set()
+    for sh in ran or [ALL]:
+        here_traj |= {k for u in sh.units(units) for k in u.trajectories}
     now = time.time()
-    rows = []
-    rate = 0.0
+    rows, rate, live = [], 0.0, 0
     for sh in specs:
         trajs = [k for u in sh.units(units) for k in u.trajectories]
-        info = progress.get(str(sh), {})
+        info = progress.get(str(sh))
+        shard_done = int(good[trajs].sum()) if trajs else 0
+        if info is None:
+            state = "not run here" if ran and sh not in ran and ran != [ALL] else "-"
+            rows.append(ShardRow(str(sh), shard_done, len(trajs), None, None, state))
+            continue
+        if info.get("damaged"):
+            rows.append(ShardRow(str(sh), shard_done, len(trajs), None, None, "unknown"))
+            continue
         seen = now - info["updated"] if "updated" in info else None
         r = info.get("traj_steps_per_s")
-        shard_done = int(done[trajs].sum()) if trajs else 0
-        if r and seen is not None and seen < ACTIVE_WINDOW_S and shard_done < len(trajs):
-            rate += r
-        rows.append(ShardRow(str(sh), shard_done, len(trajs), r, seen))
-    missing = np.flatnonzero(~done).tolist()
+        state = str(info.get("state", "running"))
+        if state == "running" and not _live(info, seen, claims, sh, units):
+            state = "stopped"
+        if shard_done == len(trajs) and state in ("running", "stopped"):
+            state = "finished"
+        if state == "running":
+            live += 1
+            if r:
+                rate += r
+        rows.append(
+            ShardRow(str(sh), shard_done, len(trajs), r, seen, state, info.get("peak_memory_gb"))
+        )
+    missing = np.flatnonzero(~good).tolist()
+    elsewhere = sorted(set(missing) - here_traj) if ran and ran != [ALL] else []
     left_steps = len(missing) * cfg.num_sampling_steps
-    eta = left_steps / rate if rate > 0 else None
-    return Status(int(done.sum()), len(done), missing, rows, rate, eta, store.encoded)
+    eta = left_steps / rate if rate > 0 and live else None
+    return Status(
+        int(good.sum()), len(good), missing, rows, rate if live else 0.0, eta, store.encoded,
+        damaged, [str(s) for s in ran], elsewhere, live,
+    )  # fmt: skip
+
+
+def _live(info: dict, seen: float | None, claims: dict, sh: Shard, units) -> bool:
+    """Whether a shard recorded as running still has a live worker: its process on this host,
+    or a live claim on one of its units, or a report within ACTIVE_WINDOW_S from elsewhere."""
+    if info.get("host") == socket.gethostname() and "pid" in info:
+        return pid_alive(int(info["pid"]))
+    mine = {u.index for u in sh.units(units)}
+    if any(u in mine for u in claims):
+        return True
+    return seen is not None and seen < ACTIVE_WINDOW_S
+
+
+def _by_count(s: Shard) -> tuple[int, int]:
+    return (s.count, s.index)
 
 
 def _shard_order(name: str) -> tuple:

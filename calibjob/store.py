@@ -28,6 +28,7 @@ conditional writes: calibjob/remote.py. Everything else here is the same for bot
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -45,11 +46,17 @@ from zarr.core.sync import sync
 
 from calibjob import remote
 from calibjob.config import JobConfig, differing_fields, fingerprint
-from calibjob.errors import ConfigError, StoreError
+from calibjob.errors import ConfigError, StoreDamaged, StoreError
 
 FORMAT = "calibjob-store/1"
 LOCK_NAME = ".calibjob.lock"
 JOB_KEY = "job/zarr.json"  # the job record; its presence makes a folder or prefix a store
+# what a store folder may hold before its job record exists (a creation killed half-way,
+# launch's logs, the lock)
+STORE_ENTRIES = {
+    LOCK_NAME, "logs", "zarr.json", "job", "xs", "done", "progress", "encoded", "claims",
+    "cs", "cs_pooled", "sigmas", "ts",
+}  # fmt: skip
 
 
 def package_versions() -> dict[str, str]:
@@ -94,6 +101,21 @@ class Store:
             raise StoreError(f"store path {p} is a regular file, not a store folder")
 
     @staticmethod
+    def _check_folder(location: str) -> None:
+        """A store folder must be absent, empty or a calibjob store (or one whose creation was
+        killed): never a folder of the user's own, which a store would be written into."""
+        p = Path(location)
+        if not p.is_dir() or (p / JOB_KEY).is_file():
+            return
+        foreign = sorted(set(os.listdir(p)) - STORE_ENTRIES)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise StoreError(
+                f"{location} is a folder holding other files ({shown}); a store path must be "
+                f"absent, empty or a calibjob store: choose another --store"
+            )
+
+    @staticmethod
     def _target(location: str, mode: str) -> Any:
         """What zarr.open_group takes: the folder, or a Zarr store object for a URL."""
         if remote.is_url(location):
@@ -122,9 +144,18 @@ class Store:
             raise StoreError(f"no calibjob store at {loc}")
         try:
             root = zarr.open_group(cls._target(loc, mode), mode=mode)
+        except (KeyError, ValueError) as e:  # the root's zarr.json does not parse
+            if mode == "r":
+                raise StoreDamaged(loc, "zarr.json", type(e).__name__) from None
+            _rewrite_meta(loc, "", _group_doc())
+            root = zarr.open_group(cls._target(loc, mode), mode=mode)
+        try:
             meta = root["job"].attrs["calibjob"]
-        except (KeyError, ValueError, json.JSONDecodeError) as e:
-            raise StoreError(f"{loc} is not a calibjob store ({type(e).__name__})") from None
+        except (KeyError, ValueError) as e:
+            raise StoreError(
+                f"{loc}/{JOB_KEY} (the job record) is damaged ({type(e).__name__}); the job's "
+                f"config is lost with it: start the job again in a new store"
+            ) from None
         if meta.get("format") != FORMAT:
             raise StoreError(f"{loc} has store format {meta.get('format')!r}, expected {FORMAT}")
         return cls(loc, root, JobConfig.from_dict(meta["config"]))
@@ -139,6 +170,7 @@ class Store:
         loc = remote.normalize(path)
         cls._check_path(loc)
         if not remote.is_url(loc):
+            cls._check_folder(loc)
             try:
                 Path(loc).mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -153,7 +185,10 @@ class Store:
                         f"asked {_short(config.to_dict()[k])}"
                         for k in diff
                     )
-                    raise StoreError(f"{loc} holds a different job ({details})")
+                    raise StoreError(
+                        f"{loc} holds a different job ({details}); to continue that job run "
+                        f"`calibjob resume {loc}`, or give this one another --store"
+                    )
                 _ensure_arrays(store.root, store.config)  # a creation killed half-way
                 return store
             return cls._create(loc, config)
@@ -199,9 +234,24 @@ class Store:
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 
+    def node(self, name: str) -> Any:
+        """The array or group `name`; a zarr.json that does not parse is StoreDamaged, naming it."""
+        try:
+            return self.root[name]
+        except KeyError:
+            raise
+        except ValueError as e:  # JSONDecodeError and Zarr's metadata errors are ValueErrors
+            raise StoreDamaged(self.location, f"{name}/zarr.json", type(e).__name__) from None
+
+    def has(self, name: str) -> bool:
+        try:
+            return name in self.root
+        except ValueError as e:
+            raise StoreDamaged(self.location, f"{name}/zarr.json", type(e).__name__) from None
+
     @property
     def encoded(self) -> bool:
-        return "encoded" in self.root
+        return self.has("encoded")
 
     def reload(self) -> Store:
         return Store.open(self.location)
@@ -212,78 +262,200 @@ class Store:
         self, cs: np.ndarray, cs_pooled: np.ndarray, sigmas: np.ndarray, ts: np.ndarray
     ) -> None:
         """Write cs, cs_pooled, sigmas, ts, make them durable, then flag the store encoded."""
-        for name, arr in (("cs", cs), ("cs_pooled", cs_pooled), ("sigmas", sigmas), ("ts", ts)):
-            a = self.root.create_array(
-                name,
-                shape=arr.shape,
-                chunks=(1, *arr.shape[1:]) if name.startswith("cs") else arr.shape,
-                dtype=arr.dtype,
-                compressors=[Crc32cCodec()],
-                overwrite=True,
-            )
-            a[...] = arr
-            self._fsync_tree(name)
-        self.root.create_group("encoded", overwrite=True)
+        try:
+            for name, arr in (
+                ("cs", cs), ("cs_pooled", cs_pooled), ("sigmas", sigmas), ("ts", ts)
+            ):  # fmt: skip
+                a = self.root.create_array(
+                    name,
+                    shape=arr.shape,
+                    chunks=(1, *arr.shape[1:]) if name.startswith("cs") else arr.shape,
+                    dtype=arr.dtype,
+                    compressors=[Crc32cCodec()],
+                    overwrite=True,
+                )
+                a[...] = arr
+                self._fsync_tree(name)
+            self.root.create_group("encoded", overwrite=True)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise StoreError(
+                    f"disk full while writing the prompt conditioning to {self.path} "
+                    f"({e.strerror}); nothing is marked encoded: free some space and run "
+                    f"`calibjob resume {self.path}`"
+                ) from None
+            raise
 
     def conditioning(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.root["cs"][...], self.root["cs_pooled"][...]
+        return self._read_whole("cs"), self._read_whole("cs_pooled")
 
     def schedule(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.root["sigmas"][...], self.root["ts"][...]
+        return self._read_whole("sigmas"), self._read_whole("ts")
+
+    def _read_whole(self, name: str) -> np.ndarray:
+        """A conditioning array, every chunk checked; damage names the array's folder."""
+        arr = self.node(name)
+        try:
+            return arr[...]
+        except Exception as e:  # noqa: BLE001  (a checksum, a truncated or missing chunk)
+            raise StoreDamaged(self.location, f"{name}/c", _why(e)) from None
+
+    def conditioning_intact(self) -> bool:
+        """Whether cs, cs_pooled, sigmas and ts all read back whole."""
+        try:
+            self.conditioning()
+            self.schedule()
+        except (StoreDamaged, KeyError):
+            return False
+        return True
+
+    def clear_encoded(self) -> None:
+        """Unflag the conditioning (damaged: the next run re-encodes it). The flag goes first,
+        so a kill during the repair leaves a store that re-encodes, never one that trusts it."""
+        if self.is_local:
+            d = Path(self.location) / "encoded"
+            if d.exists():
+                (d / "zarr.json").unlink(missing_ok=True)
+                d.rmdir()
+        else:
+            sync(self.root.store.delete("encoded/zarr.json"))
 
     # ---- trajectories --------------------------------------------------------------------
 
     def done_mask(self) -> np.ndarray:
-        return self.root["done"][...].astype(bool)
+        """Which trajectories are done. A store killed before its arrays existed has none done;
+        a damaged marker is StoreDamaged (naming the file): `repair_markers` mends it."""
+        mask, damaged = self.read_markers()
+        if damaged:
+            raise StoreDamaged(self.location, f"done/c/{damaged[0]}", "checksum or truncation")
+        return mask
+
+    def all_done(self, trajectories) -> bool:
+        """Whether every trajectory given is marked done (reads only their markers)."""
+        if not self.has("done"):
+            return False
+        try:
+            return bool(self.node("done").get_orthogonal_selection(list(trajectories)).all())
+        except StoreDamaged:
+            raise
+        except Exception:  # noqa: BLE001  (a damaged marker: not done, to be safe)
+            return False
+
+    def read_markers(self) -> tuple[np.ndarray, list[int]]:
+        """(done mask, trajectories whose marker is unreadable); unreadable ones count as not
+        done in the mask."""
+        n = self.config.num_fid_samples
+        if not self.has("done"):
+            return np.zeros(n, bool), []
+        arr = self.node("done")
+        try:
+            return arr[...].astype(bool), []
+        except Exception:  # noqa: BLE001  (one bad chunk: find which, one by one)
+            pass
+        mask, damaged = np.zeros(n, bool), []
+        for k in range(n):
+            try:
+                mask[k] = bool(arr[k])
+            except Exception:  # noqa: BLE001
+                damaged.append(k)
+        return mask, damaged
+
+    def repair_markers(self) -> list[int]:
+        """Rewrite unreadable done markers from their chunks: 1 where the chunk verifies, else 0.
+        Returns the trajectories whose marker was rewritten."""
+        _, damaged = self.read_markers()
+        if not damaged:
+            return []
+        done = self.node("done")
+        for k in damaged:
+            ok = self._chunk_ok(k)
+            self._remove_key(f"done/c/{k}")
+            done[k] = 1 if ok else 0
+            self._fsync_tree(f"done/c/{k}", recurse=False)
+        return damaged
+
+    def _chunk_ok(self, k: int) -> bool:
+        try:
+            return bool(np.isfinite(self.read_trajectory(k)).all())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _remove_key(self, key: str) -> None:
+        if self.is_local:
+            (Path(self.location) / key).unlink(missing_ok=True)
+        else:
+            sync(self.root.store.delete(key))
 
     def write_trajectories(self, trajectories: tuple[int, ...] | list[int], xs: np.ndarray) -> None:
         """Write one unit: its chunks, fsync them, then their done markers (in that order)."""
-        arr = self.root["xs"]
+        arr = self.node("xs")
         for k, x in zip(trajectories, xs, strict=True):
-            self._remove_partials(k)
+            self._remove_stale_partials(k)
             arr[k] = x
         for k in trajectories:
             self._fsync_tree(f"xs/c/{k}")
-        done = self.root["done"]
+        done = self.node("done")
         for k in trajectories:
             done[k] = 1
         for k in trajectories:
             self._fsync_tree(f"done/c/{k}", recurse=False)
 
     def read_trajectory(self, k: int) -> np.ndarray:
-        """(S, H, W, C) float32; raises if the chunk is missing or fails its checksum."""
-        if not sync(self.root.store.exists(_chunk_key(k))):
-            raise StoreError(f"trajectory {k} is marked done but its chunk is missing")
-        return self.root["xs"][k]
+        """(S, H, W, C) float32; StoreDamaged (naming the chunk) if missing or corrupt."""
+        key = _chunk_key(k)
+        if not sync(self.root.store.exists(key)):
+            raise StoreDamaged(self.location, key, "missing, though marked done")
+        try:
+            return self.node("xs")[k]
+        except StoreDamaged:
+            raise
+        except Exception as e:  # noqa: BLE001  (crc32c mismatch, truncated chunk)
+            raise StoreDamaged(self.location, key, _why(e)) from None
+
+    def chunk_sizes_ok(self, trajectories) -> list[int]:
+        """The cheap check: done trajectories whose chunk is missing or not its recorded size
+        (every chunk of xs has one size: the raw latents plus a 4-byte crc32c)."""
+        s, (h, w) = self.config.num_sampling_steps, self.config.latent_size
+        want = s * h * w * 16 * 4 + 4
+        bad = []
+        for k in trajectories:
+            if self.is_local:
+                p = Path(self.location) / _chunk_key(k)
+                size = p.stat().st_size if p.is_file() else -1
+            else:
+                size = _remote_size(self.root.store, _chunk_key(k))
+            if size != want:
+                bad.append(int(k))
+        return bad
 
     def verify_done(self, trajectories: list[int]) -> list[int]:
         """Re-read done trajectories; clear and return those whose chunk is missing or corrupt."""
         bad = []
         mask = self.done_mask()
         for k in trajectories:
-            if not mask[k]:
-                continue
-            try:
-                x = self.read_trajectory(k)
-                if not np.isfinite(x).all():
-                    raise StoreError(f"trajectory {k} holds NaN or Inf")
-            except Exception:
+            if mask[k] and not self._chunk_ok(k):
                 bad.append(k)
         if bad:
-            done = self.root["done"]
+            done = self.node("done")
             for k in bad:
                 done[k] = 0
         return bad
 
-    def _remove_partials(self, k: int) -> None:
-        """Temporary files a killed writer left for trajectory k (only its shard writes there).
-        Local only: an object store has no half-written objects."""
+    def _remove_stale_partials(self, k: int) -> None:
+        """Temporary files a killed writer left for trajectory k. Only stale ones (older than a
+        claim's lease): a live writer of the same unit (a claim taken over from a stalled
+        worker) may be renaming its own right now. Local only: a PUT leaves no partials."""
         if not self.is_local:
             return
+        from calibjob.claims import LEASE_TTL_S
+
         d = (Path(self.location) / _chunk_key(k)).parent
         if d.is_dir():
+            now = time.time()
             for f in d.glob("*.partial"):
-                f.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    if now - f.stat().st_mtime > LEASE_TTL_S:
+                        f.unlink()
 
     def _fsync_tree(self, key: str, recurse: bool = True) -> None:
         """fsync the files and folders under `key` (local stores; a PUT is already durable)."""
@@ -301,19 +473,67 @@ class Store:
         for sub in [d, *(x for x in d.rglob("*") if x.is_dir())] if recurse else [d]:
             _fsync_path(sub)
 
+    # ---- repair (run and resume, under the store's lock) ----------------------------------
+
+    def repair_metadata(self) -> list[str]:
+        """Rewrite the zarr.json of xs, done and progress where it does not parse (their
+        metadata follows from the job config alone), and drop a damaged `encoded` flag (the
+        conditioning is then checked and re-flagged or re-encoded). Returns what was mended."""
+        mended = []
+        docs = _canonical_docs(self.config)
+        for name in ("xs", "done", "progress"):
+            try:
+                self.has(name) and self.node(name)
+            except StoreDamaged:
+                _rewrite_meta(self.location, name, docs[name])
+                mended.append(f"{name}/zarr.json")
+        if self.has("progress"):
+            for key in _child_group_keys(self, "progress"):
+                try:
+                    self.node(key)
+                except StoreDamaged:
+                    self._remove_key(f"{key}/zarr.json")
+                    mended.append(f"{key}/zarr.json")
+        try:
+            self.has("encoded")
+        except StoreDamaged:
+            self._remove_key("encoded/zarr.json")
+            mended.append("encoded/zarr.json")
+        self.root = zarr.open_group(self._target(self.location, "r+"), mode="r+")
+        return mended
+
     # ---- progress (one small group per shard) ---------------------------------------------
 
     def record_progress(self, shard: str, info: dict) -> None:
-        name = shard.replace("/", "-of-")
-        grp = self.root.require_group(f"progress/{name}")
-        grp.attrs.update({**info, "shard": shard, "updated": time.time()})
+        """One shard's progress record (display only: it never stops a job)."""
+        name = f"progress/{shard.replace('/', '-of-')}"
+        attrs = {**info, "shard": shard, "updated": time.time()}
+        try:
+            self.root.create_group(name, attributes=attrs, overwrite=True)
+        except OSError:
+            raise
+        except Exception:  # noqa: BLE001  (a damaged progress group: rewrite it once)
+            _rewrite_meta(self.location, "progress", _canonical_docs(self.config)["progress"])
+            with contextlib.suppress(Exception):
+                self.root.create_group(name, attributes=attrs, overwrite=True)
 
     def progress(self) -> dict[str, dict]:
-        out = {}
-        if "progress" not in self.root:
+        """shard -> its last progress record; a damaged record reads as {'damaged': True}, a
+        damaged progress group as {} (progress is display only)."""
+        out: dict[str, dict] = {}
+        try:
+            if not self.has("progress"):
+                return out
+            keys = _child_group_keys(self, "progress")
+        except StoreDamaged:
             return out
-        for name, grp in self.root["progress"].groups():
-            out[grp.attrs.get("shard", name)] = dict(grp.attrs)
+        for key in keys:
+            name = key.rsplit("/", 1)[-1]
+            try:
+                grp = self.node(key)
+                out[grp.attrs.get("shard", name)] = dict(grp.attrs)
+            except (StoreDamaged, KeyError):
+                out[name.replace("-of-", "/")] = {"damaged": True}
         return out
 
 
@@ -338,6 +558,71 @@ def _ensure_arrays(root: zarr.Group, config: JobConfig) -> None:
         )
     if "progress" not in root:
         root.create_group("progress")
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _why(e: BaseException) -> str:
+    msg = str(e).splitlines()[0] if str(e) else ""
+    if "checksum" in msg.lower():
+        return "checksum mismatch"
+    return f"{type(e).__name__}: {msg}"[:80] if msg else type(e).__name__
+
+
+def _canonical_docs(config: JobConfig) -> dict[str, bytes]:
+    """The zarr.json bytes Zarr writes for the root, xs, done and progress of this job's store
+    (built in memory with the same calls as `_ensure_arrays`)."""
+    mem = zarr.storage.MemoryStore()
+    root = zarr.open_group(mem, mode="w")
+    _ensure_arrays(root, config)
+    from zarr.core.buffer import default_buffer_prototype
+
+    def get(key: str) -> bytes:
+        return sync(mem.get(key, prototype=default_buffer_prototype())).to_bytes()
+
+    docs = {name: get(f"{name}/zarr.json") for name in ("xs", "done", "progress")}
+    docs[""] = get("zarr.json")
+    return docs
+
+
+def _group_doc() -> bytes:
+    return json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}).encode()
+
+
+def _rewrite_meta(location: str, name: str, doc: bytes) -> None:
+    """Replace one zarr.json (atomically: a temporary file renamed, or one PUT)."""
+    key = f"{name}/zarr.json" if name else "zarr.json"
+    if not remote.is_url(location):
+        p = Path(location) / key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".zarr.json.{os.getpid()}.repair")
+        tmp.write_bytes(doc)
+        _fsync_path(tmp)
+        os.replace(tmp, p)
+        return
+    from zarr.core.buffer import default_buffer_prototype
+
+    st = remote.zarr_store(location, read_only=False)
+    sync(st.set(key, default_buffer_prototype().buffer.from_bytes(doc)))
+
+
+def _child_group_keys(store: Store, name: str) -> list[str]:
+    """Keys (name/child) of the child folders or prefixes of `name`, without parsing them."""
+    async def listing() -> list[str]:
+        return [p async for p in store.root.store.list_dir(name)]
+
+    kids = sync(listing())
+    return sorted(f"{name}/{k.rstrip('/')}" for k in kids if k.rstrip("/") != "zarr.json")
+
+
+def _remote_size(zstore, key: str) -> int:
+    from zarr.core.buffer import default_buffer_prototype
+
+    if not sync(zstore.exists(key)):
+        return -1
+    buf = sync(zstore.get(key, prototype=default_buffer_prototype()))
+    return -1 if buf is None else len(buf)
 
 
 def _chunk_key(k: int) -> str:

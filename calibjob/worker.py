@@ -8,32 +8,23 @@ unit is written by a background thread while the next one computes.
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
-import shutil
-import sys
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from calibjob.config import JobConfig
 from calibjob.errors import StoreError
+from calibjob.progress import ShardProgress, peak_memory_gb
 from calibjob.prompts import read_prompts
 from calibjob.shards import ALL, Shard, Unit, work_units
-from calibjob.store import Store
+from calibjob.store import DISK_FULL, Store
 
 err = Console(stderr=True)
 
@@ -44,8 +35,11 @@ class RunResult:
     units_run: int
     trajectories_run: int
     recomputed: list[int]
-    seconds: float
-    traj_steps_per_s: float
+    seconds: float  # wall time of the whole run: load, encode, denoise, writes
+    traj_steps_per_s: float  # denoising throughput (progress.py's one definition)
+    denoise_seconds: float = 0.0
+    units_elsewhere: list[int] = field(default_factory=list)  # held by other live workers
+    held_by: dict[int, str] = field(default_factory=dict)
 
 
 def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobConfig:
@@ -100,13 +94,16 @@ def ensure_encoded(store: Store, model) -> None:
 
 
 class _Writer:
-    """Writes finished units on a background thread (one in flight), so the model never waits
-    on the disk; errors surface in the main thread on the next submit or at close."""
+    """Writes finished units on a background thread, so the model never waits on the disk.
+    `settle` bounds what a kill can cost: the main thread starts a unit only once at most one
+    finished unit is still being written. Errors surface in the main thread."""
 
     def __init__(self, store: Store):
         self.store = store
-        self.q: queue.Queue = queue.Queue(maxsize=1)
+        self.q: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.pending = 0
+        self.cv = threading.Condition()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
@@ -122,11 +119,14 @@ class _Writer:
                     after(unit)
                 except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
                     self.error = e
+            with self.cv:
+                self.pending -= 1
+                self.cv.notify_all()
 
     def _check(self) -> None:
         if self.error is not None:
             e = self.error
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
                 raise StoreError(
                     f"disk full while writing {self.store.path} ({e.strerror}); the store is "
                     f"consistent: free some space and run `calibjob resume {self.store.path}`"
@@ -135,12 +135,33 @@ class _Writer:
 
     def submit(self, unit: Unit, xs: np.ndarray, after) -> None:
         self._check()
+        with self.cv:
+            self.pending += 1
         self.q.put((unit, xs, after))
+
+    def settle(self, at_most: int) -> None:
+        """Wait until at most `at_most` submitted units are unwritten."""
+        with self.cv:
+            self.cv.wait_for(lambda: self.pending <= at_most)
+        self._check()
 
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
         self._check()
+
+
+def prepare_store(store: Store) -> list[str]:
+    """Repair what a crash or a damaged disk left (under the store's lock): metadata that does
+    not parse, unreadable done markers (rewritten from their verified chunks), a conditioning
+    that fails its checksums (unflagged, so it is encoded again). Returns what was mended."""
+    with Store.lock(store.location):
+        mended = store.repair_metadata()
+        mended += [f"done/c/{k}" for k in store.repair_markers()]
+        if store.encoded and not store.conditioning_intact():
+            store.clear_encoded()
+            mended.append("cs, cs_pooled, sigmas, ts (encoded again)")
+    return mended
 
 
 def run_shard(
@@ -149,31 +170,55 @@ def run_shard(
     shard: Shard = ALL,
     *,
     show_progress: bool | None = None,
+    shards: list[Shard] | None = None,
 ) -> RunResult:
-    """Run shard `shard` of the job `cfg` (resolved) into the store at `store_path`."""
+    """Run shard `shard` (or each of `shards`) of the job `cfg` (resolved) into the store.
+
+    Never removes a store: a worker whose model fails to load leaves the store as it found it
+    (or new and empty), so a shard failing beside healthy ones costs them nothing."""
+    from calibjob import interrupts
+    from calibjob.claims import Claims
+
     t0 = time.perf_counter()
-    fresh = not Store.exists(store_path)
+    interrupts.watch_store(str(store_path))
     store = Store.create_or_open(store_path, cfg)
+    mended = prepare_store(store)
+    store = store.reload()
+    if mended:
+        err.print(f"calibjob: repaired {', '.join(mended)} in {store.path}", markup=False)
+    my_shards = shards or [shard]
+    shard_name = ", ".join(str(s) for s in my_shards)
+    for sh in my_shards:
+        store.record_progress(str(sh), {"state": "running", "pid": os.getpid(),
+                                        "host": socket.gethostname()})
     all_units = units_for(store.config)
-    todo, recomputed = pending_units(store, shard)
+    todo, recomputed = [], []
+    for sh in my_shards:
+        t, r = pending_units(store, sh)
+        todo += [u for u in t if u.index not in {v.index for v in todo}]
+        recomputed += r
+    todo.sort(key=lambda u: u.index)
     if recomputed:
         err.print(
-            f"calibjob: trajectories {fmt_ranges(recomputed)} failed verification; recomputing"
+            f"calibjob: trajectories {fmt_ranges(recomputed)} failed verification; recomputing",
+            markup=False,
         )
+    claims = Claims(store)
+    elsewhere = claims.live([u.index for u in todo])
+    todo = [u for u in todo if u.index not in elsewhere]
     if not todo:
         if not store.encoded:  # a shard with no units still leaves the conditioning in place
             ensure_encoded(store, _load_model(store))
-        return RunResult(len(all_units), 0, 0, recomputed, time.perf_counter() - t0, 0.0)
+        _finish_records(store, my_shards, "finished" if not elsewhere else "running elsewhere")
+        return RunResult(
+            len(all_units), 0, 0, recomputed, time.perf_counter() - t0, 0.0, 0.0,
+            sorted(elsewhere), {u: c.describe() for u, c in elsewhere.items()},
+        )  # fmt: skip
 
     from calibjob.engine import Engine
 
     cfg = store.config
-    try:
-        model = _load_model(store)
-    except BaseException:
-        if fresh and not store.reload().encoded:  # leave no empty store behind
-            shutil.rmtree(store.path, ignore_errors=True)
-        raise
+    model = _load_model(store)
     if not store.encoded:
         ensure_encoded(store, model)
     if cfg.low_memory_mode:
@@ -193,67 +238,82 @@ def run_shard(
         raise StoreError("the store's timesteps differ from this DiffusionKit's schedule")
 
     n_traj = sum(len(u.trajectories) for u in todo)
-    steps_total = n_traj * cfg.num_sampling_steps
-    shard_name = str(shard)
-    stats = {"units_done": 0, "traj_done": 0, "t_start": time.perf_counter()}
+    steps = cfg.num_sampling_steps
+    prog = ShardProgress(shard_name, n_traj, steps, show_progress, err)
+    durable = {"units": 0, "traj": 0}
 
     def after_write(unit: Unit) -> None:
-        stats["units_done"] += 1
-        stats["traj_done"] += len(unit.trajectories)
-        elapsed = time.perf_counter() - stats["t_start"]
-        store.record_progress(
-            shard_name,
-            {
-                "traj_steps_per_s": stats["traj_done"]
-                * cfg.num_sampling_steps
-                / max(elapsed, 1e-9),
-                "units_left": len(todo) - stats["units_done"],
-                "pid": os.getpid(),
-            },
-        )
+        claims.release(unit.index)
+        durable["units"] += 1
+        durable["traj"] += len(unit.trajectories)
+        info = {
+            "traj_steps_per_s": prog.rate,
+            "units_left": len(todo) - durable["units"],
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "state": "running",
+            "peak_memory_gb": peak_memory_gb(),
+        }
+        for sh in my_shards:
+            store.record_progress(str(sh), info)
 
-    show = sys.stderr.isatty() if show_progress is None else show_progress
-    progress = Progress(
-        TextColumn("[bold]shard {task.fields[shard]}"),
-        BarColumn(),
-        TextColumn("{task.fields[traj]}/{task.fields[ntraj]} trajectories"),
-        MofNCompleteColumn(),
-        TextColumn("steps"),
-        TextColumn("{task.fields[rate]} steps/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not show,
-    )
     writer = _Writer(store)
-    with progress:
-        task = progress.add_task(
-            "run", total=steps_total, shard=shard_name, traj=0, ntraj=n_traj, rate="-"
-        )
-        t_loop = time.perf_counter()
-        done_steps = 0
+    ran: list[Unit] = []
+    skipped: dict[int, str] = {u: c.describe() for u, c in elsewhere.items()}
+    interrupted = False
+    with prog:
+        prog.start()
         try:
-            for unit in todo:
-
-                def on_step(b: int) -> None:
-                    nonlocal done_steps
-                    done_steps += b
-                    rate = done_steps / max(time.perf_counter() - t_loop, 1e-9)
-                    progress.update(task, advance=b, rate=f"{rate:.1f}")
-
+            interrupts.set_graceful(True)
+            for i, unit in enumerate(todo):
+                other = claims.take(unit.index)
+                if other is not None or store.all_done(unit.trajectories):
+                    if other is not None:  # taken by a worker that started since
+                        skipped[unit.index] = other.describe()
+                    else:  # finished by one that has since ended
+                        claims.release(unit.index)
+                    prog.skip(len(unit.trajectories))
+                    continue
                 xs, _ = engine.run_unit(
-                    unit.prompt, unit.trajectories, cs[unit.prompt], cs_pooled[unit.prompt], on_step
-                )
+                    unit.prompt, unit.trajectories, cs[unit.prompt], cs_pooled[unit.prompt],
+                    prog.step,
+                )  # fmt: skip
                 writer.submit(unit, xs, after_write)
-                progress.update(task, traj=stats["traj_done"] + len(unit.trajectories))
+                ran.append(unit)
+                prog.unit_done(len(unit.trajectories), last=i == len(todo) - 1)
+                writer.settle(1)  # a kill costs this unit's write and the next unit, no more
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
-            writer.close()
+            interrupts.set_graceful(False)
+            try:
+                writer.close()
+            finally:
+                claims.close()
         engine.release_prompt()
-    seconds = time.perf_counter() - t0
+    denoise_s = time.perf_counter() - prog.t0 if prog.t0 else 0.0
+    if interrupted:
+        _finish_records(store, my_shards, "interrupted")
+        raise Interrupted()
+    _finish_records(store, my_shards, "finished" if not skipped else "running elsewhere")
+    n_ran = sum(len(u.trajectories) for u in ran)
     return RunResult(
-        len(all_units), len(todo), n_traj, recomputed, seconds, steps_total / max(seconds, 1e-9)
-    )
+        len(all_units), len(ran), n_ran, recomputed, time.perf_counter() - t0,
+        n_ran * steps / max(denoise_s, 1e-9) if ran else 0.0, denoise_s,
+        sorted(skipped), skipped,
+    )  # fmt: skip
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM inside the unit loop, after the writer finished and claims dropped."""
+
+
+def _finish_records(store: Store, shards: list[Shard], state: str) -> None:
+    """The shards' last progress word: finished, interrupted, or running elsewhere."""
+    for sh in shards:
+        info = store.progress().get(str(sh), {})
+        info = {k: v for k, v in info.items() if k not in ("shard", "updated", "damaged")}
+        store.record_progress(str(sh), {**info, "state": state})
 
 
 def _load_model(store: Store):

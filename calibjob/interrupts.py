@@ -1,0 +1,68 @@
+"""Ctrl-C and SIGTERM (what Slurm sends before a kill): one line, exit 130, at any moment.
+
+Before the unit loop runs (imports, model load, encoding) there is nothing to finish: the
+handler says what is safe and exits at once (the store is crash-safe at every instant, so this
+is as safe as a kill, and it never lands inside a half-done import). Inside the unit loop the
+worker asks for a graceful stop: the signal raises KeyboardInterrupt there, the worker lets its
+writer finish the unit it is writing and drops its claims, then the same line is printed. A
+second signal during that stop exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+EXIT_INTERRUPTED = 130
+
+_store: str | None = None
+_graceful = False
+_stopping = False
+
+
+def watch_store(location: str | None) -> None:
+    """The store the message should report on."""
+    global _store
+    _store = location
+
+
+def set_graceful(on: bool) -> None:
+    """On inside the unit loop: the signal becomes KeyboardInterrupt there."""
+    global _graceful
+    _graceful = on
+
+
+def message() -> str:
+    """'interrupted: N of M trajectories are safe in STORE; continue with ...'"""
+    if _store is None:
+        return "calibjob: interrupted"
+    try:
+        from calibjob.store import Store
+
+        if not Store.exists(_store):
+            return f"calibjob: interrupted before the store {_store} was created; nothing written"
+        st = Store.open(_store, mode="r")
+        mask, _ = st.read_markers()
+        done, total = int(mask.sum()), len(mask)
+        safe = f"{done} of {total} trajectories are safe in {_store}"
+    except Exception:  # noqa: BLE001  (a damaged store: still one line)
+        safe = f"finished units are safe in {_store}"
+    return f"calibjob: interrupted: {safe}; continue with `calibjob resume {_store}`"
+
+
+def _handler(signum, frame) -> None:
+    global _stopping
+    if _graceful and not _stopping:
+        _stopping = True
+        raise KeyboardInterrupt
+    try:
+        print(message(), file=sys.stderr, flush=True)
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM from the first line of the CLI on."""
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
