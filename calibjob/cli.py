@@ -424,6 +424,12 @@ def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
             f"their units",
             markup=False,
         )
+    if s.conditioning_damaged:
+        out.print(
+            f"damaged: the prompt conditioning ({loc}/{s.conditioning_damaged}); "
+            f"`calibjob resume {loc}` encodes the prompts again",
+            markup=False,
+        )
     if s.complete:
         out.print("complete: ready for `calibjob merge`", markup=False)
         return True
@@ -513,9 +519,14 @@ def launch(
     log_dir = Path(logs) if logs else lz.default_log_dir(loc)
     cfg = lz.with_store_choices(lz.prepare_config(cfg), loc)
     todo = lz.pending_shards(cfg, loc, shards)
-    if not todo:
-        out.print(f"nothing left to do in {loc}")
-    else:
+    live = lz.live_shards(log_dir, loc, shards)
+    for name, job_id in sorted(live.items()):
+        out.print(f"shard {name} is already running (job {job_id}); not started again",
+                  markup=False)  # fmt: skip
+    todo = [i for i in todo if f"{i}/{shards}" not in live]
+    if not todo and not live:
+        out.print(f"nothing left to do in {loc}", markup=False)
+    elif todo:
         slurm = lz.SlurmOptions(slurm_partition, slurm_gpus_per_task, slurm_cpus_per_task, minutes)
         try:
             entries = lz.submit(cfg, loc, shards, todo, executor, log_dir, slurm)
@@ -538,6 +549,8 @@ def launch(
             out.print(f"shard {shard}: {state}", markup=False)
 
         lz.wait({"tasks": entries}, on_change)
+    if live and wait:
+        lz.wait({"tasks": lz.read_record(log_dir)["tasks"]})
     if not _print_status(loc, str(log_dir)):
         raise typer.Exit(EXIT_INCOMPLETE)
 

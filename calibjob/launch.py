@@ -230,6 +230,16 @@ def submit(
 
 
 
+def live_shards(log_dir: Path, location: str, count: int) -> dict[str, str]:
+    """Shards of this launch (same store, same count) whose task still runs: shard -> job id.
+    Launching again starts none of them twice."""
+    record = read_record(log_dir)
+    if record.get("store") != location or record.get("shards") != count:
+        return {}
+    states = task_states(record)
+    return {sh: record["tasks"][sh]["job_id"] for sh, st in states.items() if st in LIVE}
+
+
 def write_record(log_dir: Path, record: dict) -> None:
     tmp = log_dir / f".{RECORD}.{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=1))

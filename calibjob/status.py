@@ -48,16 +48,17 @@ class Status:
     ran_here: list[str] = field(default_factory=list)
     elsewhere: list[int] = field(default_factory=list)  # trajectories of shards not run here
     live_workers: int = 0
+    conditioning_damaged: str | None = None  # the damaged file, if the conditioning is
 
     @property
     def complete(self) -> bool:
-        return self.done == self.total and not self.damaged
+        return self.done == self.total and not self.damaged and not self.conditioning_damaged
 
     @property
     def complete_here(self) -> bool:
         """Every shard that ran on this store is complete (the rest belong to other stores)."""
         missing_here = set(self.missing) - set(self.elsewhere)
-        return not missing_here and not self.damaged
+        return not missing_here and not self.damaged and not self.conditioning_damaged
 
 
 def shards_run_here(store: Store) -> list[Shard]:
@@ -88,6 +89,7 @@ def store_status(
         damaged = sorted(
             set(damaged) | {k for k in done_ks if k not in damaged and not store._chunk_ok(k)}
         )
+    cond = _conditioning_damage(store, verify) if store.encoded else None
     good = done.copy()
     good[damaged] = False
     progress = store.progress()
@@ -142,8 +144,26 @@ def store_status(
     eta = left_steps / rate if rate > 0 and live else None
     return Status(
         int(good.sum()), len(good), missing, rows, rate if live else 0.0, eta, store.encoded,
-        damaged, [str(s) for s in ran], elsewhere, live,
+        damaged, [str(s) for s in ran], elsewhere, live, cond,
     )  # fmt: skip
+
+
+def _conditioning_damage(store: Store, verify: bool) -> str | None:
+    """The first damaged file of the conditioning: its metadata always, its chunks (read whole,
+    checksums checked) only when verifying."""
+    from calibjob.errors import StoreDamaged
+
+    try:
+        for name in ("cs", "cs_pooled", "sigmas", "ts"):
+            store.node(name)
+        if verify:
+            store.conditioning()
+            store.schedule()
+    except StoreDamaged as e:
+        return e.key
+    except KeyError as e:
+        return f"{e.args[0]} (missing)"
+    return None
 
 
 def _live(info: dict, seen: float | None, claims: dict, sh: Shard, units) -> bool:

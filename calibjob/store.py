@@ -539,9 +539,12 @@ class Store:
 
 def _ensure_arrays(root: zarr.Group, config: JobConfig) -> None:
     """Create the trajectory arrays and the progress group where they are missing."""
+    def present(name: str) -> bool:  # by its zarr.json's presence: a damaged one is repaired
+        return bool(sync(root.store.exists(f"{name}/zarr.json")))  # by repair_metadata
+
     n, s = config.num_fid_samples, config.num_sampling_steps
     h, w = config.latent_size
-    if "xs" not in root:
+    if not present("xs"):
         root.create_array(
             "xs",
             shape=(n, s, h, w, 16),
@@ -551,12 +554,12 @@ def _ensure_arrays(root: zarr.Group, config: JobConfig) -> None:
             compressors=[Crc32cCodec()],
             fill_value=0.0,
         )
-    if "done" not in root:
+    if not present("done"):
         root.create_array(
             "done", shape=(n,), chunks=(1,), dtype="uint8", compressors=[Crc32cCodec()],
             fill_value=0,
         )
-    if "progress" not in root:
+    if not present("progress"):
         root.create_group("progress")
 
 

@@ -96,3 +96,15 @@ def dry_run(tmp_path_factory) -> tuple[Path, Path]:
     run_shard(cfg, store, show_progress=False)
     merge([store], npz)
     return store, npz
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory, prompt_file) -> tuple[Path, Path]:
+    """The job tests' job (test_job.flags) as one shard, uninterrupted, merged: the reference
+    every other way of running must equal."""
+    d = tmp_path_factory.mktemp("baseline")
+    store, out = d / "one.zarr", d / "one.npz"
+    cli("run", *job_flags(prompt_file, **{"num-sampling-steps": 20, "num-selected-steps": 5}),
+        "--store", str(store))  # fmt: skip
+    cli("merge", str(store), "-o", str(out))
+    return store, out

@@ -1,0 +1,96 @@
+"""Run `calibjob` with a fault injected in-process, where only timing could reach it:
+
+    python tests/faults.py [--slow-fsync S] [--slow-load S] [--load-fails] [--slow-link S]
+                           [--log-units FILE] -- calibjob arguments...
+
+--slow-fsync S   every fsync of a store file or a merge output waits S seconds first (a slow disk)
+--slow-load S    loading the model waits S seconds first (a large checkpoint)
+--load-fails     loading the model raises ModelUnavailable (a machine without the weights)
+--slow-link S    merge's final link/rename of its output waits S seconds first
+--log-units F    append 'pid trajectories' to F each time the engine finishes computing a unit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def install(a: argparse.Namespace) -> None:
+    import calibjob.worker as worker
+
+    if a.slow_fsync:
+        orig_fsync = os.fsync
+
+        def slow_fsync(fd):
+            time.sleep(a.slow_fsync)
+            return orig_fsync(fd)
+
+        os.fsync = slow_fsync  # store.py and merge.py call os.fsync at use time
+    if a.slow_load or a.load_fails:
+        orig_load = worker._load_model
+
+        def load(st):
+            time.sleep(a.slow_load)
+            if a.load_fails:
+                from calibjob.errors import ModelUnavailable
+
+                raise ModelUnavailable("cannot load the MMDiT (injected: no weights here)")
+            return orig_load(st)
+
+        worker._load_model = load
+    if a.slow_link:
+        orig_link, orig_replace = os.link, os.replace
+
+        def slow_link(src, dst, *args, **kw):
+            if str(src).endswith(".partial") and ".npz" in str(dst):
+                time.sleep(a.slow_link)
+            return orig_link(src, dst, *args, **kw)
+
+        def slow_replace(src, dst, *args, **kw):
+            if str(src).endswith(".partial") and ".npz" in str(dst):
+                time.sleep(a.slow_link)
+            return orig_replace(src, dst, *args, **kw)
+
+        os.link, os.replace = slow_link, slow_replace
+    if a.log_units:
+        import calibjob.engine as engine
+
+        orig_run = engine.Engine.run_unit
+
+        def run_unit(self, prompt, trajectories, *args, **kw):
+            res = orig_run(self, prompt, trajectories, *args, **kw)
+            with open(a.log_units, "a") as f:
+                f.write(f"{os.getpid()} {','.join(map(str, trajectories))}\n")
+            return res
+
+        engine.Engine.run_unit = run_unit
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    cut = argv.index("--")
+    p = argparse.ArgumentParser()
+    p.add_argument("--slow-fsync", type=float, default=0.0)
+    p.add_argument("--slow-load", type=float, default=0.0)
+    p.add_argument("--load-fails", action="store_true")
+    p.add_argument("--slow-link", type=float, default=0.0)
+    p.add_argument("--log-units")
+    a = p.parse_args(argv[:cut])
+    from calibjob import interrupts
+
+    interrupts.install()
+    install(a)
+    sys.argv = ["calibjob", *argv[cut + 1 :]]
+    from calibjob.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
