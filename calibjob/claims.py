@@ -159,15 +159,31 @@ def read_claim(zstore, unit: int | str) -> Claim | None:
         return None
 
 
-def live_claims(store) -> dict[int, Claim]:
-    """Every live claim on a store (for `status` and `launch`), without taking any."""
-
+def _claim_names(store) -> list[str]:
     async def keys() -> list[str]:
         return [k async for k in store.root.store.list_dir(PREFIX)]
 
     try:
-        names = sync(keys())
+        return sync(keys())
     except (FileNotFoundError, OSError):
-        return {}
+        return []
+
+
+def sweep_dead(store) -> int:
+    """Remove the claims of workers that have died (call under the store's lock); returns how
+    many. A dead worker's claim blocks nothing, this only keeps the store tidy."""
+    n = 0
+    for name in _claim_names(store):
+        c = read_claim(store.root.store, name)
+        if c is None or not c.alive():
+            with contextlib.suppress(FileNotFoundError):
+                sync(store.root.store.delete(f"{PREFIX}/{name}"))
+            n += 1
+    return n
+
+
+def live_claims(store) -> dict[int, Claim]:
+    """Every live claim on a store (for `status` and `launch`), without taking any."""
+    names = _claim_names(store)
     claims = ((int(n), read_claim(store.root.store, int(n))) for n in names if n.isdigit())
     return {u: c for u, c in claims if c is not None and c.alive()}

@@ -394,13 +394,16 @@ def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
         ("peak GB", "right"), ("last report", "right"), ("state", "left"),
     ):  # fmt: skip
         table.add_column(col, justify=just)
+    if states:
+        table.add_column("job", justify="right")
     for r in s.rows:
-        state = r.state
+        state, job_id = r.state, []
         launched = states.get(r.shard)
         if launched:
-            if launched == "failed" and r.state == "interrupted":
-                launched = "interrupted"
-            state = f"{launched} (job {tasks[r.shard]['job_id']})"
+            state = "interrupted" if launched == "failed" and r.state == "interrupted" else launched
+            job_id = [tasks[r.shard]["job_id"]]
+        elif states:
+            job_id = ["-"]
         table.add_row(
             r.shard,
             str(r.done),
@@ -409,9 +412,13 @@ def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
             f"{r.peak_memory_gb:.2f}" if r.peak_memory_gb else "-",
             f"{r.last_seen_s:.0f} s ago" if r.last_seen_s is not None else "-",
             state,
+            *job_id,
         )
     rate = f"{s.traj_steps_per_s:.1f}" if s.traj_steps_per_s else "-"
-    table.add_row("all", str(s.done), str(s.total), rate, "", "", "", style="bold")
+    table.add_row(
+        "all", str(s.done), str(s.total), rate, "", "", "", *([""] if states else []),
+        style="bold",
+    )  # fmt: skip
     out.print(table)
     interrupted = {r.shard for r in s.rows if r.state == "interrupted"}
     incomplete = {r.shard for r in s.rows if r.done < r.total}
@@ -515,6 +522,10 @@ def launch(
     except ValueError:
         _fail(f"--time must be minutes, HH:MM:SS or D-HH:MM:SS, got {time!r}")
     cfg = _job_flags_config(ctx.args)
+    output, force = _LAUNCH_OUTPUT.get("output"), _LAUNCH_OUTPUT.get("force", False)
+    if output is not None and not wait:
+        _fail("-o needs --wait: the launcher merges once the shards are done")
+    _check_output(output, force)
     loc = lz.location_of(store)
     log_dir = Path(logs) if logs else lz.default_log_dir(loc)
     cfg = lz.with_store_choices(lz.prepare_config(cfg), loc)
@@ -549,10 +560,17 @@ def launch(
             out.print(f"shard {shard}: {state}", markup=False)
 
         lz.wait({"tasks": entries}, on_change)
-    if live and wait:
+    if live and not wait:
+        out.print(f"follow with `calibjob status {loc}`", markup=False)
+        return
+    if live:
         lz.wait({"tasks": lz.read_record(log_dir)["tasks"]})
     if not _print_status(loc, str(log_dir)):
         raise typer.Exit(EXIT_INCOMPLETE)
+    _merge_if_complete(loc, output, force, "launch")
+
+
+_LAUNCH_OUTPUT: dict = {}  # launch's -o/--force, parsed with run's other flags
 
 
 def _job_flags_config(args: list[str]) -> JobConfig:
@@ -569,7 +587,8 @@ def _job_flags_config(args: list[str]) -> JobConfig:
     job = params.pop("job", None)
     ls = params.get("latent_size")
     params["latent_size"] = list(ls) if ls else None
-    for k in ("store", "shard", "progress"):
+    _LAUNCH_OUTPUT.update(output=params.get("output"), force=bool(params.get("force")))
+    for k in ("store", "shard", "progress", "output", "force"):
         params.pop(k, None)
     c = params.get("compile")
     params["compile"] = None if c is None else ("on" if c else "off")

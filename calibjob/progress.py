@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 LOG_EVERY_S = 30.0
-THROUGHPUT = "trajectory-steps/s"
+THROUGHPUT = "traj-steps/s"  # trajectory-steps per second of denoising: the one label
 
 
 def plural(n: int, word: str) -> str:

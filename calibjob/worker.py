@@ -155,7 +155,10 @@ def prepare_store(store: Store) -> list[str]:
     """Repair what a crash or a damaged disk left (under the store's lock): metadata that does
     not parse, unreadable done markers (rewritten from their verified chunks), a conditioning
     that fails its checksums (unflagged, so it is encoded again). Returns what was mended."""
+    from calibjob.claims import sweep_dead
+
     with Store.lock(store.location):
+        sweep_dead(store)
         mended = store.repair_metadata()
         mended += [f"done/c/{k}" for k in store.repair_markers()]
         if store.encoded and not store.conditioning_intact():
