@@ -249,6 +249,10 @@ def run(
 
         calibjob run --job jobs/dry-run.toml --model-version tiny --store out/dry.zarr --shard 0/2
     """
+    from calibjob import interrupts
+    from calibjob.remote import normalize
+
+    interrupts.watch_store(normalize(store))
     from calibjob.shards import parse_shard
     from calibjob.worker import resolve_config, run_shard
 
@@ -269,8 +273,6 @@ def run(
         dtype=dtype,
         compile=None if compile is None else ("on" if compile else "off"),
     )
-    from calibjob.remote import normalize
-
     sh = parse_shard(shard)
     store = normalize(store)
     _check_output(output, force)
@@ -312,6 +314,7 @@ def resume(
 
         calibjob resume out/dry.zarr
     """
+    from calibjob import interrupts
     from calibjob.remote import normalize
     from calibjob.shards import ALL, parse_shard
     from calibjob.status import shards_run_here
@@ -319,6 +322,7 @@ def resume(
     from calibjob.worker import run_shard
 
     store = normalize(store)
+    interrupts.watch_store(store)
     _check_output(output, force)
     st = Store.open(store)
     cfg = st.config
@@ -390,8 +394,8 @@ def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
     job = f"{cfg.model_version}, {cfg.num_fid_samples} x {cfg.num_sampling_steps} steps"
     table = Table(title=f"{st.path}  ({job})")
     for col, just in (
-        ("shard", "left"), ("done", "right"), ("total", "right"), (THROUGHPUT, "right"),
-        ("peak GB", "right"), ("last report", "right"), ("state", "left"),
+        ("shard", "left"), ("done", "right"), (THROUGHPUT, "right"), ("peak GB", "right"),
+        ("reported", "right"), ("state", "left"),
     ):  # fmt: skip
         table.add_column(col, justify=just)
     if states:
@@ -400,14 +404,15 @@ def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
         state, job_id = r.state, []
         launched = states.get(r.shard)
         if launched:
-            state = "interrupted" if launched == "failed" and r.state == "interrupted" else launched
+            state = launched
+            if launched == "failed" and _was_interrupted(tasks[r.shard], r.state):
+                state = "interrupted"
             job_id = [tasks[r.shard]["job_id"]]
         elif states:
             job_id = ["-"]
         table.add_row(
             r.shard,
-            str(r.done),
-            str(r.total),
+            f"{r.done}/{r.total}",
             f"{r.traj_steps_per_s:.1f}" if r.traj_steps_per_s else "-",
             f"{r.peak_memory_gb:.2f}" if r.peak_memory_gb else "-",
             f"{r.last_seen_s:.0f} s ago" if r.last_seen_s is not None else "-",
@@ -416,11 +421,13 @@ def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
         )
     rate = f"{s.traj_steps_per_s:.1f}" if s.traj_steps_per_s else "-"
     table.add_row(
-        "all", str(s.done), str(s.total), rate, "", "", "", *([""] if states else []),
+        "all", f"{s.done}/{s.total}", rate, "", "", "", *([""] if states else []),
         style="bold",
     )  # fmt: skip
     out.print(table)
-    interrupted = {r.shard for r in s.rows if r.state == "interrupted"}
+    interrupted = {r.shard for r in s.rows if r.state == "interrupted"} | {
+        sh for sh, x in states.items() if x == "failed" and _was_interrupted(tasks[sh], "")
+    }
     incomplete = {r.shard for r in s.rows if r.done < r.total}
     failed = {sh for sh, x in states.items() if x == "failed"} & incomplete - interrupted
     _print_failures(tasks, failed)
@@ -463,6 +470,17 @@ def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
     elif not s.live_workers:
         out.print(f"no worker is running: continue with `calibjob resume {loc}`", markup=False)
     return False
+
+
+def _was_interrupted(entry: dict, recorded: str) -> bool:
+    """A launched shard that ended by Ctrl-C or SIGTERM: its record says so, or (stopped before
+    its unit loop) the last line of its log."""
+    from calibjob.launch import log_tail
+
+    if recorded == "interrupted":
+        return True
+    _, tail = log_tail(entry, lines=1)
+    return bool(tail) and tail[-1].startswith("calibjob: interrupted")
 
 
 def _print_failures(tasks: dict[str, dict], failed: set[str]) -> None:
@@ -510,9 +528,11 @@ def launch(
         calibjob launch --job jobs/paper.toml --store /shared/paper.zarr --shards 8 \\
             --executor slurm --slurm-partition gpu --slurm-gpus-per-task 1 --time 4:00:00
     """
+    from calibjob import interrupts
     from calibjob import launch as lz
     from calibjob.errors import ConfigError
 
+    interrupts.watch_store(lz.location_of(store))
     if shards < 1:
         _fail("--shards must be at least 1")
     if executor not in lz.EXECUTORS:
@@ -559,18 +579,38 @@ def launch(
         def on_change(shard: str, state: str) -> None:
             out.print(f"shard {shard}: {state}", markup=False)
 
-        lz.wait({"tasks": entries}, on_change)
+        _wait_or_stop({"tasks": entries}, on_change)
     if live and not wait:
         out.print(f"follow with `calibjob status {loc}`", markup=False)
         return
     if live:
-        lz.wait({"tasks": lz.read_record(log_dir)["tasks"]})
+        _wait_or_stop({"tasks": lz.read_record(log_dir)["tasks"]})
     if not _print_status(loc, str(log_dir)):
         raise typer.Exit(EXIT_INCOMPLETE)
     _merge_if_complete(loc, output, force, "launch")
 
 
 _LAUNCH_OUTPUT: dict = {}  # launch's -o/--force, parsed with run's other flags
+
+
+def _wait_or_stop(record: dict, on_change=None) -> None:
+    """Wait for launched shards; on Ctrl-C or SIGTERM stop the local ones (each finishes the
+    unit it is writing and records itself interrupted), then exit 130 with the one line."""
+    from calibjob import interrupts
+    from calibjob import launch as lz
+
+    interrupts.set_graceful(True)
+    try:
+        lz.wait(record, on_change)
+    except KeyboardInterrupt:
+        interrupts.set_graceful(False)
+        left = lz.stop_local(record)
+        if left:
+            err.print(f"calibjob: Slurm tasks keep running: scancel {' '.join(left)} stops "
+                      f"them", markup=False)  # fmt: skip
+        raise typer.Exit(interrupts.EXIT_INTERRUPTED) from None
+    finally:
+        interrupts.set_graceful(False)
 
 
 def _job_flags_config(args: list[str]) -> JobConfig:
@@ -724,9 +764,12 @@ def main() -> None:
         if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
-        if type(e).__name__ == "Abort":
-            sys.exit(130)
+        if type(e).__name__ == "Abort":  # click turns KeyboardInterrupt into Abort
+            err.print(interrupts.message(), markup=False, highlight=False)
+            sys.exit(interrupts.EXIT_INTERRUPTED)
         raise
+    if rc == interrupts.EXIT_INTERRUPTED:  # Typer turns KeyboardInterrupt into exit 130
+        err.print(interrupts.message(), markup=False, highlight=False)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
 

@@ -12,11 +12,14 @@ live process (local) or squeue entry (Slurm) means it died, e.g. killed or out o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,22 +143,32 @@ def visible_gpus() -> list[int]:
 
 def run_task(fields: dict, location: str, shard: str) -> dict:
     """One shard, as `calibjob run --shard i/n` does it; picklable, for submitit."""
-    from calibjob.worker import resolve_config, run_shard
+    from calibjob import interrupts
 
+    interrupts.install()  # Ctrl-C / SIGTERM: one line in the log, exit 130 (interrupts.py)
+    interrupts.watch_store(location)
     sh = parse_shard(shard)
     print(
         f"calibjob shard {sh} on {socket.gethostname()} (pid {os.getpid()}, "
         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) -> {location}",
         flush=True,
     )
+    try:
+        return _run_task(fields, location, sh)
+    except KeyboardInterrupt:  # one line in the log (status reads it), not a traceback
+        print(interrupts.message(), file=sys.stderr, flush=True)
+        os._exit(interrupts.EXIT_INTERRUPTED)
+
+
+def _run_task(fields: dict, location: str, sh: Shard) -> dict:
+    from calibjob.progress import plural
+    from calibjob.worker import resolve_config, run_shard
+
     cfg = resolve_config(with_store_choices(JobConfig.from_dict(fields), location), location)
-    # create the store first: run_shard removes a store folder it created if the model fails
-    # to load, and with a folder store that would take STORE/logs (this very log) along
-    Store.create_or_open(location, cfg)
-    res = run_shard(cfg, location, sh, show_progress=False)
+    res = run_shard(cfg, location, sh, show_progress=None)  # a log file: one line per unit
     print(
-        f"shard {sh}: {res.trajectories_run} trajectories in {res.units_run} units, "
-        f"{res.seconds:.1f} s -> {location}",
+        f"shard {sh}: {plural(res.trajectories_run, 'trajectory')} in "
+        f"{plural(res.units_run, 'unit')}, wall time {res.seconds:.1f} s -> {location}",
         flush=True,
     )
     return {"shard": str(sh), "units_run": res.units_run, "trajectories_run": res.trajectories_run}
@@ -183,13 +196,20 @@ def submit(
         ex = submitit.LocalExecutor(folder=log_dir)
         gpus = visible_gpus()
         jobs = []
-        for i, name in zip(shards, names, strict=True):
-            # one GPU per worker (round robin if fewer GPUs than shards); none on a CPU machine
-            pin = [gpus[i % len(gpus)]] if gpus else []
-            ex.update_parameters(
-                timeout_min=slurm.time_min, gpus_per_node=len(pin), visible_gpus=pin
-            )
-            jobs.append(ex.submit(run_task, fields, location, name))
+        # submitit's controller processes start with SIGINT ignored (inherited), so a Ctrl-C in
+        # the terminal reaches the workers (which handle it) and not the controllers (which
+        # would print a traceback and SIGKILL their worker a second later)
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for i, name in zip(shards, names, strict=True):
+                # one GPU per worker (round robin if fewer GPUs than shards); none on a CPU box
+                pin = [gpus[i % len(gpus)]] if gpus else []
+                ex.update_parameters(
+                    timeout_min=slurm.time_min, gpus_per_node=len(pin), visible_gpus=pin
+                )
+                jobs.append(ex.submit(run_task, fields, location, name))
+        finally:
+            signal.signal(signal.SIGINT, sigint)
     elif executor == "slurm":
         if shutil.which("sbatch") is None:
             raise ConfigError("--executor slurm needs Slurm's sbatch here (run on a login node)")
@@ -346,6 +366,38 @@ def wait(record: dict, on_change: Callable[[str, str], None] | None = None) -> d
         if not any(st in LIVE for st in states.values()):
             return states
         time.sleep(POLL_S)
+
+
+def stop_local(record: dict, grace_s: float = 60.0) -> list[str]:
+    """After Ctrl-C or SIGTERM on `launch`: stop this host's live local tasks and wait up to
+    `grace_s` for them (each finishes the unit it is writing and records itself interrupted).
+    A terminal's Ctrl-C has reached the workers already; where it has not (a SIGTERM to the
+    launcher alone) their controllers get SIGTERM, which they forward. Returns the job ids of
+    Slurm tasks, which are left running."""
+    tasks = record.get("tasks", {})
+    pids = [
+        int(e["job_id"])
+        for e in tasks.values()
+        if e["executor"] == "local" and e.get("host") == socket.gethostname()
+    ]
+
+    def reap_and_wait(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            for e in tasks.values():  # polling a job this process started reaps it
+                job = _JOBS.get(e["job_id"])
+                if job is not None:
+                    with contextlib.suppress(Exception):
+                        job.done()
+            time.sleep(0.1)
+
+    reap_and_wait(3.0)
+    for pid in pids:
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    reap_and_wait(grace_s)
+    return [e["job_id"] for e in tasks.values() if e["executor"] == "slurm"]
 
 
 def log_tail(entry: dict, lines: int = 12) -> tuple[str, list[str]]:
