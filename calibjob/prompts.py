@@ -120,11 +120,11 @@ def _table_rows(
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
             raise ConfigError(f"{shown}: no header row (the first row names the columns)")
-        col = _pick_column(header, column, shown)
+        col = _pick_column(header, column, f"{shown}, row 1 (the header)")
         at = header.index(col)
         for r, cells in enumerate(reader, 2):
-            if not cells or not any(c.strip() for c in cells):
-                continue  # a blank line
+            if not cells:
+                continue  # a blank line (a row of empty cells is an empty prompt)
             if at >= len(cells):
                 raise ConfigError(f"{shown}, row {r}: no {col!r} cell (the row is short)")
             yield f"row {r}", cells[at]
