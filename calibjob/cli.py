@@ -558,7 +558,12 @@ def merge(
         bool, typer.Option("--force", help="Replace an existing output file.")
     ] = False,
 ) -> None:
-    """Select steps, shuffle with the job seed and write the paper-format .npz (atomically).
+    """Select steps and write the paper-format .npz (atomically), points in the spec's order.
+
+    The order of the spec's script: selected steps stacked step-major, then shuffled by
+    numpy.random.default_rng(seed).permutation(N*K); trajectory_indices and step_indices say
+    where each point came from.
+
 
     calibjob merge out/dry.zarr -o out/dry_run_cali.npz
     """
