@@ -564,8 +564,7 @@ def merge(
     numpy.random.default_rng(seed).permutation(N*K); trajectory_indices and step_indices say
     where each point came from.
 
-
-    calibjob merge out/dry.zarr -o out/dry_run_cali.npz
+        calibjob merge out/dry.zarr -o out/dry_run_cali.npz
     """
     from rich.progress import Progress
 

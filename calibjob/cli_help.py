@@ -22,8 +22,8 @@ def wrap(text: str, width: int, indent: str = "") -> list[str]:
     """Paragraphs (blank-line separated) wrapped to `width` at spaces only; a paragraph whose
     first line is indented (an example) is kept line for line."""
     out: list[str] = []
-    for para in re.split(r"\n[ \t]*\n", text.strip("\n")):
-        lines = [ln.rstrip() for ln in para.splitlines() if ln.strip() != "\b"]
+    for para in re.split(r"\n(?:[ \t]*\n)+", text.strip("\n")):
+        lines = [ln.rstrip() for ln in para.splitlines() if ln.strip() not in ("", "\b")]
         if not lines:
             continue
         if out:
