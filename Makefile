@@ -17,11 +17,14 @@ else
   TORCH ?= torch==2.13.0
 endif
 comma  := ,
-EXTRAS := dev,s3$(if $(MLX),$(comma)$(MLX))
+EXTRAS := s3$(if $(MLX),$(comma)$(MLX))
 
-.PHONY: install dry-run test lint bench clean
+.PHONY: install install-test dry-run test lint bench clean
 
+# a user's runtime: calibjob, MLX, DiffusionKit and what it imports, obstore for S3 stores
 install: $(VENV)/.installed
+# the runtime plus what the tests and the linter need (the `test` extra)
+install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@if [ "$(UNAME)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas.so.0; then \
@@ -38,6 +41,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps diffusionkit==0.5.2 argmaxtools==0.1.23
 	touch $@
 
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[$(EXTRAS),test]"
+	touch $@
+
 dry-run: install
 	rm -rf $(OUT)/dry-run.zarr $(OUT)/dry_run_cali.npz
 	mkdir -p $(OUT)
@@ -46,10 +53,10 @@ dry-run: install
 	$(BIN)/calibjob status $(OUT)/dry-run.zarr
 	$(BIN)/calibjob merge $(OUT)/dry-run.zarr -o $(OUT)/dry_run_cali.npz
 
-test: install
+test: install-test
 	$(BIN)/pytest -q
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check .
 
 bench: install

@@ -15,13 +15,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from calibjob.cli_help import Command, Group, option_rows
 from calibjob.config import JobConfig, load_job_file
 from calibjob.errors import CalibjobError
 
 app = typer.Typer(
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # plain help: option names are never cut, at any width, on a terminal or in a pipe
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Resumable, sharded TaQ-DiT calibration data for SD3 (DiffusionKit on MLX).",
 )
 out = Console(soft_wrap=True)
@@ -35,14 +40,56 @@ EXIT_ERROR = 2
 EXIT_INCOMPLETE = 1
 
 StoreArg = Annotated[
-    Path, typer.Argument(help="The job's Zarr store (a folder).", show_default=False)
+    Path,
+    typer.Argument(metavar="STORE", help="The job's Zarr store (a folder).", show_default=False),
 ]
 LocationArg = Annotated[
     str,
     typer.Argument(
-        help="The job's Zarr store: a folder or a URL (s3://bucket/job.zarr).", show_default=False
+        metavar="STORE",
+        help="The job's Zarr store: a folder or a URL (s3://bucket/job.zarr).",
+        show_default=False,
     ),
 ]
+
+
+class _LaunchCommand(Command):
+    """launch's help also lists the job flags it takes through `run`'s parser."""
+
+    def extra_sections(self, ctx: typer.Context) -> list[tuple[str, list[tuple[str, str]]]]:
+        run_cmd = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+        skip = ("store", "shard", "progress", "help")
+        return [("Job flags (as for `calibjob run`)", option_rows(run_cmd.params, ctx, skip))]
+
+
+def _latent_side(value: str) -> int:
+    """One of --latent-size's two numbers; '32,32' gets told how to write them."""
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a whole number; give H and W as two numbers: --latent-size 32 32"
+        ) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from calibjob import __version__
+
+        out.print(f"calibjob {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Resumable, sharded TaQ-DiT calibration data for SD3 (DiffusionKit on MLX)."""
 
 
 def _fail(msg: str, code: int = EXIT_ERROR) -> None:
@@ -148,52 +195,96 @@ ForceOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
     job: Annotated[
-        Path | None, typer.Option(help="Job spec (TOML) in jobs/; flags override its fields.")
+        Path | None,
+        typer.Option(metavar="FILE", help="Job spec (TOML) in jobs/; flags override its fields."),
     ] = None,
     store: Annotated[
-        str, typer.Option(help="Zarr store to create or continue: a folder or s3://bucket/prefix.")
+        str,
+        typer.Option(
+            metavar="STORE",
+            help="Zarr store to create or continue: a folder or s3://bucket/prefix.",
+        ),
     ] = "calib.zarr",
     shard: Annotated[
         str,
-        typer.Option(help="This worker's share, i/n (0-based), or 'auto' inside a Slurm array."),
+        typer.Option(
+            metavar="I/N",
+            help="This worker's share, i/n (0-based), or 'auto' inside a Slurm array.",
+        ),
     ] = "0/1",
     model_version: Annotated[
         str | None,
         typer.Option(
+            metavar="NAME",
             help="'tiny' (built in), 'sd3-medium' or a DiffusionKit SD3 key. "
             f"(paper: {_PAPER.model_version})"
         ),
     ] = None,
     num_fid_samples: Annotated[
-        int | None, typer.Option(help=f"Trajectories. (paper: {_PAPER.num_fid_samples})")
+        int | None,
+        typer.Option(metavar="N", help=f"Trajectories. (paper: {_PAPER.num_fid_samples})"),
     ] = None,
     num_sampling_steps: Annotated[
         int | None,
-        typer.Option(help=f"Euler steps per trajectory. (paper: {_PAPER.num_sampling_steps})"),
+        typer.Option(
+            metavar="S",
+            help=f"Euler steps per trajectory. (paper: {_PAPER.num_sampling_steps})",
+        ),
     ] = None,
     num_selected_steps: Annotated[
         int | None,
         typer.Option(
-            help=f"Uniformly selected steps kept by merge. (paper: {_PAPER.num_selected_steps})"
+            metavar="K",
+            help=f"Uniformly selected steps kept by merge. (paper: {_PAPER.num_selected_steps})",
         ),
     ] = None,
     latent_size: Annotated[
         tuple[int, int] | None,
-        typer.Option(help=f"Latent H W (pixels / 8; even). (paper: {_LATENT})"),
+        typer.Option(
+            metavar="H W",
+            parser=_latent_side,
+            help="Latent height and width, two even numbers (pixels / 8), e.g. --latent-size "
+            f"32 32. (paper: {_LATENT})",
+        ),
     ] = None,
     cfg_scale: Annotated[
-        float | None, typer.Option(help=f"Classifier-free guidance. (paper: {_PAPER.cfg_scale})")
+        float | None,
+        typer.Option(
+            metavar="SCALE", help=f"Classifier-free guidance. (paper: {_PAPER.cfg_scale})"
+        ),
     ] = None,
     prompt_file: Annotated[
-        str | None, typer.Option(help=f"Prompts, one a line. (default: {_PAPER.prompt_file})")
+        str | None,
+        typer.Option(
+            metavar="FILE",
+            help="Prompts: .txt (one a line), .csv/.tsv (a column) or .jsonl (a key). "
+            f"(default: {_PAPER.prompt_file})",
+        ),
+    ] = None,
+    prompt_column: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="The .csv/.tsv column or .jsonl key of the prompts. (default: a column named "
+            "prompt, caption or text, else the only one)",
+        ),
+    ] = None,
+    num_prompts: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Keep the first N prompts of the file; 0 = all. Trajectory k takes prompt "
+            "k % N. (default: 0)",
+        ),
     ] = None,
     seed: Annotated[
         int | None,
         typer.Option(
-            help=f"Job seed: noise of trajectory k and the merge shuffle. (default: {_PAPER.seed})"
+            metavar="SEED",
+            help=f"Job seed: noise of trajectory k and the merge shuffle. (default: {_PAPER.seed})",
         ),
     ] = None,
     low_memory_mode: Annotated[
@@ -205,22 +296,30 @@ def run(
     ] = None,
     local_ckpt: Annotated[
         str | None,
-        typer.Option(help="Local MMDiT/VAE checkpoint (.safetensors) instead of the hub."),
+        typer.Option(
+            metavar="FILE",
+            help="Local MMDiT/VAE checkpoint (.safetensors) instead of the hub.",
+        ),
     ] = None,
     shift: Annotated[
         float | None,
-        typer.Option(help=f"Schedule shift; SD3's own is 3.0. (default: {_PAPER.shift})"),
+        typer.Option(
+            metavar="SHIFT", help=f"Schedule shift; SD3's own is 3.0. (default: {_PAPER.shift})"
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Trajectories of one prompt per model call; 0 = auto for the device. (default: 0)"
+            metavar="B",
+            help="Trajectories of one prompt per model call; 0 = auto for the device. "
+            "(default: 0)",
         ),
     ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
-            help="auto, float32, float16 or bfloat16; auto = float32 on CPU, float16 on GPU."
+            metavar="DTYPE",
+            help="auto, float32, float16 or bfloat16; auto = float32 on CPU, float16 on GPU.",
         ),
     ] = None,
     compile: Annotated[
@@ -247,7 +346,8 @@ def run(
     Creates the store or continues the existing one, encodes the prompts once, then works
     through this shard's units, skipping what is done. Example:
 
-        calibjob run --job jobs/dry-run.toml --model-version tiny --store out/dry.zarr --shard 0/2
+        calibjob run --job jobs/dry-run.toml --model-version tiny \\
+            --store out/dry.zarr --shard 0/2
     """
     from calibjob import interrupts
     from calibjob.remote import normalize
@@ -265,6 +365,8 @@ def run(
         latent_size=list(latent_size) if latent_size else None,
         cfg_scale=cfg_scale,
         prompt_file=prompt_file,
+        prompt_column=prompt_column,
+        num_prompts=num_prompts,
         seed=seed,
         low_memory_mode=low_memory_mode,
         local_ckpt=local_ckpt,
@@ -282,12 +384,16 @@ def run(
     _merge_if_complete(store, output, force, str(sh))
 
 
-@app.command()
+@app.command(cls=Command)
 def resume(
     store: LocationArg,
     shard: Annotated[
         str | None,
-        typer.Option(help="Only this shard's units (i/n or 'auto').", show_default=False),
+        typer.Option(
+            metavar="I/N",
+            help="Only this shard's units (i/n or 'auto'); default: the shards that ran on "
+            "this store.",
+        ),
     ] = None,
     all_shards: Annotated[
         bool,
@@ -342,12 +448,13 @@ LogsOpt = Annotated[
     str | None,
     typer.Option(
         "--logs",
+        metavar="DIR",
         help="Launch logs folder (default: STORE/logs; ./calibjob-logs/<bucket_prefix> for a URL).",
     ),
 ]
 
 
-@app.command()
+@app.command(cls=Command)
 def status(
     store: LocationArg,
     logs: LogsOpt = None,
@@ -495,26 +602,46 @@ def _print_failures(tasks: dict[str, dict], failed: set[str]) -> None:
             out.print(f"  | {line}", markup=False, highlight=False)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    cls=_LaunchCommand,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
 def launch(
     ctx: typer.Context,
     store: Annotated[
-        str, typer.Option(help="Zarr store shared by all shards: a folder or s3://bucket/prefix.")
+        str,
+        typer.Option(
+            metavar="STORE",
+            help="Zarr store shared by all shards: a folder or s3://bucket/prefix.",
+        ),
     ],
     shards: Annotated[
-        int, typer.Option(help="Number of shards (worker processes / array tasks).")
+        int, typer.Option(metavar="N", help="Number of shards (worker processes / array tasks).")
     ] = 1,
     executor: Annotated[
-        str, typer.Option(help="local: N processes here, one GPU each; slurm: one job array.")
+        str,
+        typer.Option(
+            metavar="local|slurm",
+            help="local: N processes here, one GPU each; slurm: one job array.",
+        ),
     ] = "local",
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait for the shards, then print status.")
     ] = True,
-    slurm_partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
-    slurm_gpus_per_task: Annotated[int | None, typer.Option(help="GPUs per array task.")] = None,
-    slurm_cpus_per_task: Annotated[int | None, typer.Option(help="CPUs per array task.")] = None,
+    slurm_partition: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Slurm partition.")
+    ] = None,
+    slurm_gpus_per_task: Annotated[
+        int | None, typer.Option(metavar="N", help="GPUs per array task.")
+    ] = None,
+    slurm_cpus_per_task: Annotated[
+        int | None, typer.Option(metavar="N", help="CPUs per array task.")
+    ] = None,
     time: Annotated[
-        str, typer.Option(help="Time limit per shard: minutes, HH:MM:SS or D-HH:MM:SS.")
+        str,
+        typer.Option(
+            metavar="LIMIT", help="Time limit per shard: minutes, HH:MM:SS or D-HH:MM:SS."
+        ),
     ] = "24:00:00",
     logs: LogsOpt = None,
 ) -> None:
@@ -524,9 +651,11 @@ def launch(
     Launching again on a store starts only the shards that still have work. Logs and the
     launch record go to STORE/logs/; `calibjob status STORE` shows failed shards' logs.
 
-        calibjob launch --job jobs/dry-run.toml --model-version tiny --store out/dry.zarr --shards 2
-        calibjob launch --job jobs/paper.toml --store /shared/paper.zarr --shards 8 \\
-            --executor slurm --slurm-partition gpu --slurm-gpus-per-task 1 --time 4:00:00
+        calibjob launch --job jobs/dry-run.toml --model-version tiny \\
+            --store out/dry.zarr --shards 2
+        calibjob launch --job jobs/paper.toml --store /shared/paper.zarr \\
+            --shards 8 --executor slurm --slurm-partition gpu \\
+            --slurm-gpus-per-task 1 --time 4:00:00
     """
     from calibjob import interrupts
     from calibjob import launch as lz
@@ -635,18 +764,22 @@ def _job_flags_config(args: list[str]) -> JobConfig:
     return build_config(Path(job) if job else None, **params)
 
 
-@app.command()
+@app.command(cls=Command)
 def merge(
     stores: Annotated[
         list[Path],
-        typer.Argument(help="One or more stores of the same job (e.g. one per machine)."),
+        typer.Argument(
+            metavar="STORE",
+            help="One or more stores of the same job (e.g. one per machine).",
+        ),
     ],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The .npz to write.")] = Path(
-        "DiT_cali_data.npz"
-    ),
+    output: Annotated[
+        Path, typer.Option("-o", "--output", metavar="FILE", help="The .npz to write.")
+    ] = Path("DiT_cali_data.npz"),
     step_selection: Annotated[
         str,
         typer.Option(
+            metavar="linspace|stride",
             help="linspace: np.linspace(0, S-1, K) (the spec); "
             "stride: range(0, S, S//K) (TaQ-DiT's code)."
         ),
@@ -655,9 +788,13 @@ def merge(
         bool, typer.Option("--force", help="Replace an existing output file.")
     ] = False,
 ) -> None:
-    """Select steps, shuffle with the job seed and write the paper-format .npz (atomically).
+    """Select steps and write the paper-format .npz (atomically), points in the spec's order.
 
-    calibjob merge out/dry.zarr -o out/dry_run_cali.npz
+    The order of the spec's script: selected steps stacked step-major, then shuffled by
+    numpy.random.default_rng(seed).permutation(N*K); trajectory_indices and step_indices say
+    where each point came from.
+
+        calibjob merge out/dry.zarr -o out/dry_run_cali.npz
     """
     from rich.progress import Progress
 
@@ -683,13 +820,18 @@ def merge(
     )
 
 
-@app.command("inspect")
+@app.command("inspect", cls=Command)
 def inspect_cmd(
     path: Annotated[
-        Path, typer.Argument(help="A calibration .npz, or a job's store (work in progress).")
+        Path,
+        typer.Argument(
+            metavar="FILE|STORE",
+            help="A calibration .npz, or a job's store (work in progress).",
+        ),
     ],
     plot: Annotated[
-        Path | None, typer.Option(help="Also write the stats against the timestep as a PNG.")
+        Path | None,
+        typer.Option(metavar="FILE", help="Also write the stats against the timestep as a PNG."),
     ] = None,
 ) -> None:
     """Validate a calibration file against the spec and print x_t statistics per timestep.
@@ -721,16 +863,19 @@ def inspect_cmd(
         out.print(f"wrote {plot_stats(rep, plot)}", markup=False, highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def preview(
     store: StoreArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="The PNG to write.")] = Path(
-        "preview.png"
-    ),
+    output: Annotated[
+        Path, typer.Option("-o", "--output", metavar="FILE", help="The PNG to write.")
+    ] = Path("preview.png"),
     trajectories: Annotated[
-        str | None, typer.Option(help="Comma-separated trajectory indices, e.g. 0,5,9.")
+        str | None,
+        typer.Option(metavar="K,K,...", help="Comma-separated trajectory indices, e.g. 0,5,9."),
     ] = None,
-    n: Annotated[int, typer.Option("--n", help="Else the first N done trajectories.")] = 16,
+    n: Annotated[
+        int, typer.Option("--n", metavar="N", help="Else the first N done trajectories.")
+    ] = 16,
 ) -> None:
     """Decode the final latents of done trajectories into one image grid, captioned.
 

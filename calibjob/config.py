@@ -49,6 +49,8 @@ class JobConfig:
     latent_size: tuple[int, int] = (32, 32)  # 256x256 pixels
     cfg_scale: float = 1.5
     prompt_file: str = "prompts/sample_prompts.txt"
+    prompt_column: str | None = None  # .csv/.tsv/.jsonl: None = prompt, caption or text column
+    num_prompts: int = 0  # keep the first N prompts of the file; 0 = all
     seed: int = 0
     shift: float = 3.0  # SD3's own schedule (DiffusionPipeline's class default 1.0 is not SD3's)
     batch_size: int = 0  # trajectories of one prompt per model call; 0 = choose for the device
@@ -89,13 +91,11 @@ class JobConfig:
             )
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.num_prompts < 0:
+            raise ConfigError(f"--num-prompts must be 0 (all) or positive, got {self.num_prompts}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}")
         return self
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self.prompts)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -139,7 +139,8 @@ AUTO_FIELDS = {"dtype": "auto", "batch_size": 0, "compile": "auto"}
 
 
 # Fields that change the data a job produces; two stores can be merged only if these agree.
-# (low_memory_mode, prompt_file and local_ckpt change how, not what: the prompts' text is compared.)
+# (low_memory_mode, prompt_file, prompt_column, num_prompts and local_ckpt change how, not what:
+# the prompts' text is compared.)
 IDENTITY_FIELDS = (
     "model_version",
     "num_fid_samples",

@@ -92,7 +92,9 @@ def prepare_config(cfg: JobConfig) -> JobConfig:
     The 'auto' fields are left to the workers: the login node is not a GPU node."""
     cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
     if not cfg.prompts:
-        cfg = cfg.replace(prompts=read_prompts(cfg.prompt_file))
+        cfg = cfg.replace(
+            prompts=read_prompts(cfg.prompt_file, cfg.prompt_column, cfg.num_prompts)
+        )
     return cfg.validate()
 
 

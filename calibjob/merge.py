@@ -1,14 +1,19 @@
 """Merge: one or more stores of a job -> the paper-format calibration `.npz`.
 
 Checks the stores are the same job and together cover every trajectory exactly once, selects
-the steps, shuffles the points with the job seed, and writes the file atomically (temporary
-file in the same folder, fsync, rename). It holds only the selected points in memory (N*K
-latents, 420 MB for the paper job), never the store (1.7 GB), and writes `xs` row by row in
-shuffled order straight into the zip member.
+the steps, puts the points in the spec's order, and writes the file atomically (temporary file
+in the same folder, fsync, rename). It holds only the selected points in memory (N*K latents,
+420 MB for the paper job), never the store (1.7 GB): `xs` goes row by row in shuffled order
+straight into the zip member, and `cs` / `cs_pooled` prompt by prompt (256 prompts of SD3's
+conditioning would be 4.9 GB at once).
 
-Keys: xs, ts, prompt_indices, cs, cs_pooled, prompts, cfg_scale (the spec's), plus
-trajectory_indices and step_indices (where each point came from) and sigmas (the schedule,
-S+1 values; a point's sigma is sigmas[step_indices]).
+The spec's order (PHASE1.md, so that a file equals the spec script's array for array): the
+selected steps stacked step-major, point `j * N + k` being selected step j of trajectory k,
+then `numpy.random.default_rng(seed).permutation(N * K)` applied to every per-point array.
+
+Keys: xs, ts, prompt_indices (int32), cs, cs_pooled, prompts, cfg_scale (float32 scalar), the
+spec's; plus trajectory_indices and step_indices (where each point came from) and sigmas (the
+schedule, S+1 values; a point's sigma is sigmas[step_indices]).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 
 from calibjob import remote
 from calibjob.errors import ConfigError, StoreDamaged, StoreError
-from calibjob.selection import select_steps, shuffle_order
+from calibjob.selection import point_order, select_steps
 from calibjob.shards import Shard, work_units
 from calibjob.store import Store, check_same_job
 
@@ -104,6 +109,22 @@ def _write_npy(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
         np.lib.format.write_array(f, np.asarray(arr, order="C"), allow_pickle=False)
 
 
+def _write_rows(zf: zipfile.ZipFile, name: str, shape, dtype, blocks) -> None:
+    """An .npy member of `shape` written from consecutive row blocks, never whole in memory."""
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": tuple(int(d) for d in shape)}  # fmt: skip
+    written = 0
+    with zf.open(name + ".npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=dtype)
+            f.write(block.tobytes())
+            written += block.shape[0]
+    if written != shape[0]:
+        raise StoreError(f"{name}: wrote {written} of {shape[0]} rows")
+
+
 def merge(
     paths: list[str | Path],
     out: str | Path,
@@ -149,29 +170,28 @@ def merge(
             ) from None
         if on_trajectory is not None:
             on_trajectory()
-    flat = selected.reshape(n * k_sel, h, w, 16)
 
     m = n * k_sel
-    perm = shuffle_order(m, cfg.seed)
-    traj_idx = (perm // k_sel).astype(np.int64)
-    step_idx = sel[perm % k_sel].astype(np.int64)
+    traj_idx, sel_idx = point_order(n, k_sel, cfg.seed)
+    step_idx = sel[sel_idx].astype(np.int64)
     sigmas, ts_all = stores[0].schedule()
-    cs, cs_pooled = stores[0].conditioning()
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("xs.npy", "w", force_zip64=True) as f:
-                header = {"descr": "<f4", "fortran_order": False, "shape": flat.shape}
-                np.lib.format.write_array_header_2_0(f, header)
-                for start in range(0, m, ROWS_PER_WRITE):
-                    f.write(flat[perm[start : start + ROWS_PER_WRITE]].tobytes())
+            _write_rows(
+                zf, "xs", (m, h, w, 16), np.float32,
+                (selected[traj_idx[i : i + ROWS_PER_WRITE], sel_idx[i : i + ROWS_PER_WRITE]]
+                 for i in range(0, m, ROWS_PER_WRITE)),
+            )  # fmt: skip
             _write_npy(zf, "ts", ts_all[step_idx])
-            _write_npy(zf, "prompt_indices", traj_idx % len(cfg.prompts))
-            _write_npy(zf, "cs", cs)
-            _write_npy(zf, "cs_pooled", cs_pooled)
+            _write_npy(zf, "prompt_indices", (traj_idx % len(cfg.prompts)).astype(np.int32))
+            for name in ("cs", "cs_pooled"):
+                arr = stores[0].root[name]  # chunked one prompt per chunk: read one at a time
+                rows = (arr[p : p + 1] for p in range(arr.shape[0]))
+                _write_rows(zf, name, arr.shape, arr.dtype, rows)
             _write_npy(zf, "prompts", np.array(cfg.prompts, dtype=str))
-            _write_npy(zf, "cfg_scale", np.array(cfg.cfg_scale))
+            _write_npy(zf, "cfg_scale", np.array(cfg.cfg_scale, dtype=np.float32))
             _write_npy(zf, "trajectory_indices", traj_idx)
             _write_npy(zf, "step_indices", step_idx)
             _write_npy(zf, "sigmas", sigmas)

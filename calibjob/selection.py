@@ -29,6 +29,18 @@ def shuffle_order(num_points: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_points)
 
 
+def point_order(
+    num_trajectories: int, num_selected: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each point of the merged file comes from: (trajectory, selected-step position).
+
+    The spec's order: stack the selected steps step-major (point `j * N + k` is selected step j
+    of trajectory k), then apply `shuffle_order(N * K, seed)`. Both arrays are int64, length N*K.
+    """
+    perm = shuffle_order(num_trajectories * num_selected, seed).astype(np.int64)
+    return perm % num_trajectories, perm // num_trajectories
+
+
 def initial_noise(
     seed: int, trajectory: int, latent_size: tuple[int, int], channels: int
 ) -> np.ndarray:

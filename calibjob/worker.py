@@ -49,7 +49,9 @@ def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobC
 
     cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
     if not cfg.prompts:
-        cfg = cfg.replace(prompts=read_prompts(cfg.prompt_file))
+        cfg = cfg.replace(
+            prompts=read_prompts(cfg.prompt_file, cfg.prompt_column, cfg.num_prompts)
+        )
     cfg.validate()
     if store_path is not None and Store.exists(store_path):
         cfg = cfg.with_choices_of(Store.open(store_path, mode="r").config)

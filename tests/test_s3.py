@@ -30,12 +30,12 @@ def s3(tmp_path_factory):
         "moto_server"
     )
     if exe is None:
-        pytest.fail("moto_server not found: install the s3 extra (pip install -e '.[s3]')")
+        pytest.fail("moto_server not found: `make test` installs it (the test extra)")
     try:
         import boto3
         import obstore  # noqa: F401
     except ImportError as e:
-        pytest.fail(f"{e.name} is missing: install the s3 extra (pip install -e '.[s3]')")
+        pytest.fail(f"{e.name} is missing: `make test` installs it (the test and s3 extras)")
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
