@@ -8,7 +8,8 @@ shuffled order straight into the zip member.
 
 Keys: xs, ts, prompt_indices, cs, cs_pooled, prompts, cfg_scale (the spec's), plus
 trajectory_indices and step_indices (where each point came from) and sigmas (the schedule,
-S+1 values; a point's sigma is sigmas[step_indices]).
+S+1 values; a point's sigma is sigmas[step_indices]), and model_version, shift and dtype (the
+model that made the set, which `calibjob profile` loads again).
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ def merge(
             _write_npy(zf, "trajectory_indices", traj_idx)
             _write_npy(zf, "step_indices", step_idx)
             _write_npy(zf, "sigmas", sigmas)
+            # which model made the set, for `calibjob profile` (unicode / float: no pickle)
+            _write_npy(zf, "model_version", np.array(cfg.model_version))
+            _write_npy(zf, "shift", np.array(cfg.shift))
+            _write_npy(zf, "dtype", np.array(cfg.dtype))
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
