@@ -24,6 +24,9 @@ import numpy as np
 from calibjob.config import PROFILE_HIST_BINS, PROFILE_HIST_RANGE, PROFILE_UNIT_POINTS
 from calibjob.errors import ConfigError
 
+# the four linear-layer inputs recorded per stream (see calibjob.profile.taps)
+INPUTS = ("qkv_in", "o_in", "fc1_in", "fc2_in")
+
 
 @dataclass(frozen=True)
 class ProfileJob:
@@ -58,11 +61,15 @@ class ProfileJob:
         if self.seed < 0:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ConfigError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype}")
+            raise ConfigError(
+                f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype}"
+            )
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.reduce_dtype not in ("auto", "float64", "float32"):
-            raise ConfigError(f"reduce dtype must be auto, float64 or float32, got {self.reduce_dtype}")
+            raise ConfigError(
+                f"reduce dtype must be auto, float64 or float32, got {self.reduce_dtype}"
+            )
         scale = self.hist_bins / (2 * self.hist_range)
         if self.hist_bins < 2 or self.hist_bins % 2 or scale != 2.0 ** round(np.log2(scale)):
             raise ConfigError("histogram bins per unit must be an even power of two")
@@ -191,5 +198,6 @@ def largest_group(ts: np.ndarray, prompt_indices: np.ndarray, points: np.ndarray
     pr = np.asarray(prompt_indices)[points]
     if len(points) == 0:
         return 1
-    _, counts = np.unique(np.stack([t64, pr.astype(np.float64)], axis=1), axis=0, return_counts=True)
+    pairs = np.stack([t64, pr.astype(np.float64)], axis=1)
+    _, counts = np.unique(pairs, axis=0, return_counts=True)
     return int(counts.max())

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import mlx.nn as nn
 
 from calibjob.device import mx  # mlx.core, after the OpenBLAS preload
+from calibjob.profile.plan import INPUTS
 
-INPUTS = ("qkv_in", "o_in", "fc1_in", "fc2_in")
 # where each input is captured: (attribute path under the TransformerBlock, layer attribute)
 _SITES = {"qkv_in": ("attn", "q_proj"), "o_in": ("attn", "o_proj"), "fc1_in": ("mlp", "fc1"),
           "fc2_in": ("mlp", "fc2")}
