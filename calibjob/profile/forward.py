@@ -137,6 +137,48 @@ class Profiler:
         return acc.result()
 
 
+    def run_unit_bare(self, unit: ProfileUnit, timestep: np.ndarray, xs, cs, cs_pooled) -> None:
+        """The same batches through the same model calls with no taps (the MMDiT's output
+        evaluated instead of statistics): the yardstick profiling's overhead is measured
+        against (bench/profile_gpu.py)."""
+        t = mx.array(timestep)
+        mmdit, act, slots = self.mmdit, self.act, self._slots
+        t_key = mx.array([0.0])
+        mods: dict[int, list[mx.array]] = {}
+        saved = [m.__dict__.get("_modulation_params") for m in self._modules]
+        for m, slot in zip(self._modules, slots, strict=True):
+            m._modulation_params = slot
+        try:
+            pending = None
+            for batch in unit.batches:
+                p, b = batch.prompt, len(batch.points)
+                if p not in mods:
+                    pooled = mx.array(np.asarray(cs_pooled[p])).astype(act)
+                    mods[p] = modulation_params(mmdit, pooled, t)[0]
+                    mx.eval(mods[p])
+                x = mx.array(np.asarray(xs[np.asarray(batch.points)]))
+                for slot, m in zip(slots, mods[p], strict=True):
+                    slot.value = m if b == 1 else mx.repeat(m, b, axis=0)
+                cond = mx.expand_dims(mx.repeat(self._conditioning(cs, p), b, axis=0), 2)
+                out = mmdit(
+                    latent_image_embeddings=mx.concatenate([x, x], axis=0).astype(act),
+                    token_level_text_embeddings=cond, timestep=t_key,
+                )
+                mx.async_eval(out)
+                if pending is not None:
+                    mx.eval(pending)
+                pending = out
+            if pending is not None:
+                mx.eval(pending)
+        finally:
+            for m, old, slot in zip(self._modules, saved, slots, strict=True):
+                slot.value = None
+                if old is None:
+                    del m._modulation_params
+                else:
+                    m._modulation_params = old
+
+
 class _Accumulator:
     """A unit's running statistics on the host, added batch by batch in order."""
 
