@@ -443,3 +443,31 @@ def test_report_pngs_table_and_export(one_shard, tmp_path):
     fields = {"count", "mean", "std", "min", "max", "histogram", "below", "above"}
     assert len(d) == 2 + 13 * 3 * len(fields)
     assert {k.rsplit("::", 1)[1] for k in d if "::" in k} == fields
+
+
+@pytest.mark.parametrize("copies", [1, 64])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_histogram_slots_are_numpys_bins_at_the_edges(monkeypatch, copies, dtype):
+    """Values on and next to every bin edge, +-8 exactly, out of range, inf and NaN land where
+    numpy.histogram puts them; the spread histogram (the GPU's) sums to the same counts."""
+    import mlx.core as mx
+
+    from calibjob.profile import taps
+
+    monkeypatch.setattr(taps, "HIST_COPIES", copies)
+    edges = np.linspace(-8, 8, 513).astype(np.float32)
+    vals = np.concatenate([
+        edges, np.nextafter(edges, np.float32(-np.inf)), np.nextafter(edges, np.float32(np.inf)),
+        np.array([-1e-30, 1e-30, 0.0, -0.0, 9.0, -9.0, 1e4, -1e4, np.inf, -np.inf, np.nan]),
+        np.random.default_rng(0).standard_normal(4000).astype(np.float32) * 4,
+    ]).astype(dtype)
+    vals = vals[: len(vals) // 64 * 64]  # whole copies for the spread path
+    x = mx.array(vals.reshape(2, -1, 1, 1))
+    _, _, _, _, hist, rows = taps.batch_stats(x, mx.float32, 512, 8.0)
+    hist = np.array(hist)
+    v = vals.astype(np.float64)
+    finite = v[~np.isnan(v)]
+    h, _ = np.histogram(finite, bins=512, range=(-8.0, 8.0))
+    assert np.array_equal(hist[1:513], h)
+    assert hist[0] == (finite < -8).sum() and hist[513] == (finite > 8).sum()
+    assert hist[514] == np.isnan(v).sum() and int(rows) == len(vals)
