@@ -11,6 +11,16 @@ statistics of every linear layer's input (a sharded, resumable job like `run`);
 Importing this package does not import MLX (only the worker's model code does).
 """
 
-from calibjob.profile.stats import Profile, TapStats, load
+from __future__ import annotations
 
 __all__ = ["Profile", "TapStats", "load"]
+
+
+def __getattr__(name: str):
+    """`load`, `Profile`, `TapStats` on first use: the CLI imports this package for its
+    commands, and `calibjob --help` should not pay for Zarr."""
+    if name in __all__:
+        from calibjob.profile import stats
+
+        return getattr(stats, name)
+    raise AttributeError(f"module 'calibjob.profile' has no attribute {name!r}")

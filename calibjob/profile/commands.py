@@ -25,8 +25,8 @@ def profile(
                              show_default=False)
     ],
     store: Annotated[
-        Path, typer.Option(help="Profile store (a folder) to create or continue.",
-                           show_default=False)
+        str, typer.Option(help="Profile store (a local folder) to create or continue.",
+                          show_default=False)
     ],
     shard: Annotated[str, typer.Option(help="This worker's share, i/n (0-based), or 'auto' "
                                        "inside a Slurm array.")] = "0/1",

@@ -116,6 +116,10 @@ def resolve_job(
 ) -> ProfileJob:
     """The job for this set and these options; 'auto' fields take an existing store's choice,
     else the device's."""
+    from calibjob import remote
+
+    if remote.is_url(str(store_path)):
+        raise ConfigError(f"profile stores are local folders for now, not {store_path}")
     if model_version is None and cal.model_version is None:
         raise ConfigError(
             f"{cal.path} does not say which model made it (an older file): pass --model-version"
