@@ -172,7 +172,7 @@ def main() -> None:
     t.add_row("peak memory, bare, GB", f"{res['bare_peak_gb']:.2f}", "mx.get_peak_memory")
     t.add_row("peak memory, profile, GB", f"{res['profile_peak_gb']:.2f}",
               "<= weights + activations + statistics")
-    t.add_row("statistics per unit, MB", f"{res['stats_mb_per_unit']:.1f}",
+    t.add_row("statistics per unit, MB", f"{res['stats_mb_per_unit']:.3f}",
               "sum, sumsq (f64), min, max (f32)")
     con.print(t)
     con.print(res["env"])
