@@ -471,3 +471,12 @@ def test_histogram_slots_are_numpys_bins_at_the_edges(monkeypatch, copies, dtype
     assert np.array_equal(hist[1:513], h)
     assert hist[0] == (finite < -8).sum() and hist[513] == (finite > 8).sum()
     assert hist[514] == np.isnan(v).sum() and int(rows) == len(vals)
+
+
+def test_compiled_forward_matches_the_reference_too(calib_set, reference, tmp_path):
+    """`--compile` (the GPU default) traces the taps' statistics into the compiled forward."""
+    store = tmp_path / "compiled.zarr"
+    cli("profile", str(calib_set), "--store", str(store), "--compile", *PROFILE_FLAGS)
+    prof = load(store)
+    assert prof.job["compile"] == "on"
+    assert_matches_reference(prof.stats, reference, prof.timesteps)
