@@ -46,12 +46,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 dry-run: install
-	rm -rf $(OUT)/dry-run.zarr $(OUT)/dry_run_cali.npz
+	rm -rf $(OUT)/dry-run.zarr $(OUT)/dry_run_cali.npz $(OUT)/dry-run-profile*
 	mkdir -p $(OUT)
 	$(BIN)/calibjob run --job jobs/dry-run.toml --model-version $(MODEL) --store $(OUT)/dry-run.zarr --shard 0/2
 	$(BIN)/calibjob run --job jobs/dry-run.toml --model-version $(MODEL) --store $(OUT)/dry-run.zarr --shard 1/2
 	$(BIN)/calibjob status $(OUT)/dry-run.zarr
 	$(BIN)/calibjob merge $(OUT)/dry-run.zarr -o $(OUT)/dry_run_cali.npz
+	$(BIN)/calibjob profile $(OUT)/dry_run_cali.npz --store $(OUT)/dry-run-profile.zarr
+	$(BIN)/calibjob profile-report $(OUT)/dry-run-profile.zarr -o $(OUT)/dry-run-profile --export $(OUT)/dry-run-profile/stats.npz
 
 test: install-test
 	$(BIN)/pytest -q

@@ -890,6 +890,13 @@ def preview(
     out.print(f"wrote {path}: {len(ks)} trajectories ({', '.join(map(str, ks))})", highlight=False)
 
 
+# phase 2 (activation profiles) lives in its own module; registered here
+from calibjob.profile import commands as _profile_commands  # noqa: E402
+
+app.command("profile")(_profile_commands.profile)
+app.command("profile-report")(_profile_commands.profile_report)
+
+
 def main() -> None:
     """Console-script entry: run the app, turning expected failures into one-line errors."""
     from calibjob import interrupts

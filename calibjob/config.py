@@ -199,3 +199,12 @@ def resolve_prompt_path(prompt_file: str) -> Path:
         return p
     q = PROJECT_ROOT / p
     return q if q.exists() else p
+
+
+# ---- phase 2: activation profiles (`calibjob profile`) --------------------------------------
+# The histogram every (layer, input, timestep) gets: bins over [-range, range], plus counts
+# below and above. 512 bins over [-8, 8] (bins of 1/32) are what TaQ-DiT-style profiles use.
+PROFILE_HIST_BINS = 512
+PROFILE_HIST_RANGE = 8.0
+# A work unit of `profile` holds points of one timestep, at most this many (whole batches).
+PROFILE_UNIT_POINTS = 1024

@@ -12,8 +12,9 @@ selected steps stacked step-major, point `j * N + k` being selected step j of tr
 then `numpy.random.default_rng(seed).permutation(N * K)` applied to every per-point array.
 
 Keys: xs, ts, prompt_indices (int32), cs, cs_pooled, prompts, cfg_scale (float32 scalar), the
-spec's; plus trajectory_indices and step_indices (where each point came from) and sigmas (the
-schedule, S+1 values; a point's sigma is sigmas[step_indices]).
+spec's; plus trajectory_indices and step_indices (where each point came from), sigmas (the
+schedule, S+1 values; a point's sigma is sigmas[step_indices]), and model_version, shift and
+dtype (the model that made the set, which `calibjob profile` loads again).
 """
 
 from __future__ import annotations
@@ -195,6 +196,10 @@ def merge(
             _write_npy(zf, "trajectory_indices", traj_idx)
             _write_npy(zf, "step_indices", step_idx)
             _write_npy(zf, "sigmas", sigmas)
+            # which model made the set, for `calibjob profile` (unicode / float: no pickle)
+            _write_npy(zf, "model_version", np.array(cfg.model_version))
+            _write_npy(zf, "shift", np.array(cfg.shift))
+            _write_npy(zf, "dtype", np.array(cfg.dtype))
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

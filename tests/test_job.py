@@ -53,8 +53,10 @@ def test_merged_file_matches_the_spec(baseline, prompt_file):
         d = {k: f[k] for k in f.files}
     assert set(d) == {
         "xs", "ts", "prompt_indices", "cs", "cs_pooled", "prompts", "cfg_scale",
-        "trajectory_indices", "step_indices", "sigmas",
+        "trajectory_indices", "step_indices", "sigmas", "model_version", "shift", "dtype",
     }  # fmt: skip
+    assert str(d["model_version"]) == "tiny" and d["model_version"].dtype.kind == "U"
+    assert float(d["shift"]) == 3.0 and str(d["dtype"]) == "float32"
     m = N * K
     assert d["xs"].shape == (m, 32, 32, 16) and d["xs"].dtype == np.float32
     assert d["ts"].shape == (m,) and d["prompt_indices"].shape == (m,)

@@ -1,0 +1,147 @@
+"""The CLI's phase-2 commands, `profile` and `profile-report` (registered by calibjob.cli).
+
+Kept apart from cli.py so the run job's command file stays as it is; imports are lazy, so
+`calibjob --help` still answers at once. Failures raise CalibjobError: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from calibjob.config import PROFILE_UNIT_POINTS
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def profile(
+    calib: Annotated[
+        Path, typer.Argument(help="A calibration .npz (`calibjob merge`'s output).",
+                             show_default=False)
+    ],
+    store: Annotated[
+        str, typer.Option(help="Profile store (a local folder) to create or continue.",
+                          show_default=False)
+    ],
+    shard: Annotated[str, typer.Option(help="This worker's share, i/n (0-based), or 'auto' "
+                                       "inside a Slurm array.")] = "0/1",
+    num_samples: Annotated[
+        int, typer.Option(help="Profile a seeded subset of this many points, spread over the "
+                          "timesteps in proportion; 0 = every point.")
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the --num-samples subset.")] = 0,
+    model_version: Annotated[
+        str | None,
+        typer.Option(help="The model that made the set; only for files that do not record it "
+                     "(made before calibjob did).")
+    ] = None,
+    local_ckpt: Annotated[
+        str | None, typer.Option(help="Local MMDiT checkpoint (.safetensors) instead of the hub.")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Activation dtype (float32, float16, bfloat16); default: the set's, "
+                     "else float32 on CPU, float16 on a GPU.")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Points of one (timestep, prompt) per model call; 0 = auto for "
+                          "the device (a GPU: all of them, up to 32).")
+    ] = 0,
+    unit_points: Annotated[
+        int, typer.Option(help="Most points in one work unit (a unit is one timestep's batches; "
+                          "a kill loses at most one unit).")
+    ] = PROFILE_UNIT_POINTS,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile",
+                     help="mx.compile the profiled forward. (default: on a GPU only)")
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
+    ] = None,
+) -> None:
+    """Profile the MMDiT that made a calibration set: statistics of every linear layer's input
+    per timestep (phase 2).
+
+    For each joint block and stream (mm_00_img, mm_00_txt, ...; uni_00 ... where the model has
+    unified blocks), the inputs of its four linear layers (qkv_in, o_in, fc1_in, fc2_in):
+    count, per-channel sum, sum of squares, min and max, and a 512-bin histogram over [-8, 8].
+    Points run as generation ran them (CFG batches of one prompt and timestep). Sharded and
+    resumable like `run`: run the same command again to continue after a crash.
+
+        calibjob profile out/dry_run_cali.npz --store out/profile.zarr
+        calibjob profile paper.npz --store prof.zarr --shard 1/4 --num-samples 640
+    """
+    from calibjob.profile.worker import profile_shard, read_set, resolve_job
+    from calibjob.shards import parse_shard
+
+    sh = parse_shard(shard)
+    cal = read_set(calib)
+    job = resolve_job(
+        cal, store, model_version=model_version, dtype=dtype, num_samples=num_samples,
+        seed=seed, batch_size=batch_size, unit_points=unit_points,
+        compile="auto" if compile is None else ("on" if compile else "off"),
+        local_ckpt=local_ckpt,
+    )
+    res = profile_shard(cal, job, store, sh, show_progress=progress)
+    if res.units_run == 0:
+        out.print(f"shard {sh}: nothing left to do in {store}", markup=False)
+    else:
+        out.print(
+            f"shard {sh}: {res.points_run} points in {res.units_run} units, {res.seconds:.1f} s, "
+            f"{res.points_per_s:.1f} points/s -> {store}",
+            markup=False,
+        )
+
+
+def profile_report(
+    store: Annotated[Path, typer.Argument(help="A finished profile store.", show_default=False)],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for the PNGs (created if missing).",
+                           show_default=False)
+    ],
+    layers: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated layers for the histogram and channel figures, e.g. "
+                     "mm_00_img,mm_12_txt (default: first, middle and last).")
+    ] = None,
+    timesteps: Annotated[
+        int, typer.Option(help="Timesteps shown in the post-GELU histograms.")
+    ] = 4,
+    export: Annotated[
+        Path | None,
+        typer.Option(help="Also write every statistic as flat arrays to this .npz "
+                     "({layer}:{input}::t={t:.6f}::{count,mean,std,min,max,histogram}).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
+) -> None:
+    """Figures and a per-layer summary of a profile (TaQ-DiT Figs. 2d, 3a, 3d and heatmaps).
+
+    Writes range_vs_timestep.png, post_gelu_hist.png, channel_ranges.png, heatmap_range.png
+    and heatmap_negative.png into the folder, prints the summary table, and with --export
+    the statistics as an .npz loadable without pickle.
+
+        calibjob profile-report out/profile.zarr -o out/profile-report --export stats.npz
+    """
+    from calibjob.profile import report
+    from calibjob.profile import stats as pstats
+
+    report.check_outputs(output, export, force)
+    prof = pstats.load(store)
+    chosen = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
+    paths = report.write_figures(prof, output, layers=chosen, num_timesteps=timesteps)
+    # a table this wide needs more than the 80 columns Rich assumes off a terminal
+    Console(width=None if out.is_terminal else 132).print(report.summary_table(prof))
+    for p in paths:
+        out.print(f"wrote {p}", markup=False, highlight=False)
+    if export is not None:
+        export.parent.mkdir(parents=True, exist_ok=True)  # checked: it is the output folder
+        pstats.export(prof, export, force=force)
+        out.print(f"wrote {export}", markup=False, highlight=False)
+    sys.stdout.flush()
