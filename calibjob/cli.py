@@ -831,8 +831,12 @@ def inspect_cmd(
     ],
     plot: Annotated[
         Path | None,
-        typer.Option(metavar="FILE", help="Also write the stats against the timestep as a PNG."),
+        typer.Option(
+            metavar="FILE",
+            help="Also plot the stats against the timestep (.png, .pdf or .svg).",
+        ),
     ] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Validate a calibration file against the spec and print x_t statistics per timestep.
 
@@ -843,9 +847,10 @@ def inspect_cmd(
         calibjob inspect out/dry_run_cali.npz --plot stats.png
     """
     from calibjob.inspect_data import inspect, plot_stats, stats_table
+    from calibjob.outputs import PLOT_FORMATS, check_output
 
-    if plot is not None and not plot.parent.is_dir():
-        _fail(f"--plot folder {plot.parent} does not exist")
+    if plot is not None:
+        check_output(plot, force, PLOT_FORMATS)  # before the work, not after
     rep = inspect(path)
     if rep.problems:
         err.print(
@@ -860,14 +865,17 @@ def inspect_cmd(
         out.print(line, markup=False, highlight=False)
     out.print(stats_table(rep))
     if plot is not None:
-        out.print(f"wrote {plot_stats(rep, plot)}", markup=False, highlight=False)
+        out.print(f"wrote {plot_stats(rep, plot, force)}", markup=False, highlight=False)
 
 
 @app.command(cls=Command)
 def preview(
     store: StoreArg,
     output: Annotated[
-        Path, typer.Option("-o", "--output", metavar="FILE", help="The PNG to write.")
+        Path,
+        typer.Option(
+            "-o", "--output", metavar="FILE", help="The image to write (.png, .jpg or .webp)."
+        ),
     ] = Path("preview.png"),
     trajectories: Annotated[
         str | None,
@@ -876,6 +884,7 @@ def preview(
     n: Annotated[
         int, typer.Option("--n", metavar="N", help="Else the first N done trajectories.")
     ] = 16,
+    force: ForceOpt = False,
 ) -> None:
     """Decode the final latents of done trajectories into one image grid, captioned.
 
@@ -886,7 +895,7 @@ def preview(
     """
     from calibjob.preview import preview as do_preview
 
-    path, ks = do_preview(store, output, trajectories=trajectories, n=n)
+    path, ks = do_preview(store, output, trajectories=trajectories, n=n, force=force)
     out.print(f"wrote {path}: {len(ks)} trajectories ({', '.join(map(str, ks))})", highlight=False)
 
 

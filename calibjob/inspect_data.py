@@ -383,8 +383,12 @@ def stats_table(rep: Report):
     return table
 
 
-def plot_stats(rep: Report, out: str | Path) -> Path:
-    """A PNG (900 x 550 px) of the stats against the timestep, one line per statistic."""
+def plot_stats(rep: Report, out: str | Path, force: bool = False) -> Path:
+    """A plot (900 x 550 px; PNG, PDF or SVG by suffix) of the stats against the timestep,
+    one line per statistic."""
+    from calibjob.outputs import PLOT_FORMATS, check_output, write_whole
+
+    fmt = check_output(out, force, PLOT_FORMATS)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -412,9 +416,10 @@ def plot_stats(rep: Report, out: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        out = write_whole(out, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt), force)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -148,13 +148,14 @@ def grid_image(images: np.ndarray, captions: list[str]):
 
 
 def preview(store_path: str | Path, out: str | Path, trajectories: str | None = None,
-            n: int = 16) -> tuple[Path, list[int]]:
-    """Decode the chosen trajectories of a store into a captioned grid PNG at `out`."""
+            n: int = 16, force: bool = False) -> tuple[Path, list[int]]:
+    """Decode the chosen trajectories of a store into a captioned grid image at `out` (PNG,
+    JPEG or WebP, as its suffix says)."""
     from calibjob import models
+    from calibjob.outputs import IMAGE_FORMATS, check_output, write_whole
 
     out = Path(out)
-    if not out.parent.is_dir():
-        raise ConfigError(f"output folder {out.parent} does not exist")
+    fmt = check_output(out, force, IMAGE_FORMATS)
     st = Store.open(store_path, mode="r")
     if not st.encoded:
         raise ConfigError(f"{store_path} has no trajectories done yet")
@@ -166,7 +167,8 @@ def preview(store_path: str | Path, out: str | Path, trajectories: str | None = 
     images = decode(model, latents)
     p = len(cfg.prompts)
     captions = [f"#{k}: {cfg.prompts[k % p]}" for k in ks]
-    grid_image(images, captions).save(out, format="PNG")
+    grid = grid_image(images, captions).convert("RGB")
+    write_whole(out, lambda tmp: grid.save(tmp, format=fmt), force)
     return out, ks
 
 

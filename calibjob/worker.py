@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 
 from calibjob.config import JobConfig
-from calibjob.errors import StoreError
+from calibjob.errors import ConfigError, StoreError
 from calibjob.progress import ShardProgress, peak_memory_gb
 from calibjob.prompts import read_prompts
 from calibjob.shards import ALL, Shard, Unit, work_units
@@ -53,6 +53,7 @@ def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobC
             prompts=read_prompts(cfg.prompt_file, cfg.prompt_column, cfg.num_prompts)
         )
     cfg.validate()
+    check_local_ckpt(cfg.local_ckpt)
     if store_path is not None and Store.exists(store_path):
         cfg = cfg.with_choices_of(Store.open(store_path, mode="r").config)
     if "auto" in (cfg.dtype, cfg.compile) or cfg.batch_size == 0:
@@ -65,6 +66,21 @@ def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobC
             compile=device.resolve_compile(cfg.compile),
         )
     return cfg
+
+
+def check_local_ckpt(path: str | None) -> None:
+    """A missing or unreadable --local-ckpt is named before anything loads (DiffusionKit would
+    otherwise report a hub error about another file)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--local-ckpt {path}: no such file")
+    try:
+        with open(p, "rb") as f:
+            f.read(8)
+    except OSError as e:
+        raise ConfigError(f"--local-ckpt {path}: cannot read it ({e.strerror})") from None
 
 
 def units_for(cfg: JobConfig) -> list[Unit]:
