@@ -185,6 +185,7 @@ OutputOpt = Annotated[
     typer.Option(
         "-o",
         "--output",
+        metavar="FILE",
         help="When the job is complete, merge it to this .npz (as `calibjob merge`); with "
         "several shards the worker that completes the job merges, once.",
         show_default=False,
@@ -902,8 +903,8 @@ def preview(
 # phase 2 (activation profiles) lives in its own module; registered here
 from calibjob.profile import commands as _profile_commands  # noqa: E402
 
-app.command("profile")(_profile_commands.profile)
-app.command("profile-report")(_profile_commands.profile_report)
+app.command("profile", cls=Command)(_profile_commands.profile)
+app.command("profile-report", cls=Command)(_profile_commands.profile_report)
 
 
 def main() -> None:

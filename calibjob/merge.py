@@ -188,9 +188,8 @@ def merge(
             _write_npy(zf, "ts", ts_all[step_idx])
             _write_npy(zf, "prompt_indices", (traj_idx % len(cfg.prompts)).astype(np.int32))
             for name in ("cs", "cs_pooled"):
-                arr = stores[0].root[name]  # chunked one prompt per chunk: read one at a time
-                rows = (arr[p : p + 1] for p in range(arr.shape[0]))
-                _write_rows(zf, name, arr.shape, arr.dtype, rows)
+                arr = stores[0].node(name)  # chunked one prompt per chunk: read one at a time
+                _write_rows(zf, name, arr.shape, arr.dtype, stores[0].prompt_rows(name))
             _write_npy(zf, "prompts", np.array(cfg.prompts, dtype=str))
             _write_npy(zf, "cfg_scale", np.array(cfg.cfg_scale, dtype=np.float32))
             _write_npy(zf, "trajectory_indices", traj_idx)

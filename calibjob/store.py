@@ -300,6 +300,15 @@ class Store:
         except Exception as e:  # noqa: BLE001  (a checksum, a truncated or missing chunk)
             raise StoreDamaged(self.location, f"{name}/c", _why(e)) from None
 
+    def prompt_rows(self, name: str) -> Iterator[np.ndarray]:
+        """cs or cs_pooled one prompt at a time (each (1, ...)), every chunk checked."""
+        arr = self.node(name)
+        for p in range(arr.shape[0]):
+            try:
+                yield arr[p : p + 1]
+            except Exception as e:  # noqa: BLE001
+                raise StoreDamaged(self.location, f"{name}/c/{p}", _why(e)) from None
+
     def conditioning_intact(self) -> bool:
         """Whether cs, cs_pooled, sigmas and ts all read back whole."""
         try:

@@ -174,7 +174,7 @@ def test_two_workers_of_one_shard_never_compute_a_unit_twice(b1, prompt_file, tm
 def test_resume_while_a_worker_runs_leaves_its_units_to_it(b1, prompt_file, tmp_path):
     store, log = tmp_path / "busy.zarr", tmp_path / "units.log"
     args = ["run", *flags(prompt_file, **{"batch-size": 1}), "--store", str(store)]
-    first = faulty(*args, faults=("--log-units", str(log), "--slow-fsync", "0.05"))
+    first = faulty(*args, faults=("--log-units", str(log), "--slow-fsync", "0.3"))
     deadline = time.monotonic() + 120
     while done_count(store) < 1 and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -21,49 +21,82 @@ err = Console(stderr=True, soft_wrap=True)
 
 def profile(
     calib: Annotated[
-        Path, typer.Argument(help="A calibration .npz (`calibjob merge`'s output).",
-                             show_default=False)
+        Path,
+        typer.Argument(
+            metavar="CALIB",
+            help="A calibration .npz (`calibjob merge`'s output).",
+            show_default=False,
+        ),
     ],
     store: Annotated[
-        str, typer.Option(help="Profile store (a local folder) to create or continue.",
-                          show_default=False)
+        str,
+        typer.Option(
+            metavar="DIR",
+            help="Profile store (a local folder) to create or continue.",
+            show_default=False,
+        ),
     ],
-    shard: Annotated[str, typer.Option(help="This worker's share, i/n (0-based), or 'auto' "
-                                       "inside a Slurm array.")] = "0/1",
+    shard: Annotated[
+        str,
+        typer.Option(
+            metavar="I/N",
+            help="This worker's share, i/n (0-based), or 'auto' inside a Slurm array.",
+        ),
+    ] = "0/1",
     num_samples: Annotated[
-        int, typer.Option(help="Profile a seeded subset of this many points, spread over the "
-                          "timesteps in proportion; 0 = every point.")
+        int,
+        typer.Option(
+            metavar="N",
+            help="Profile a seeded subset of this many points, spread over the "
+            "timesteps in proportion; 0 = every point.",
+        ),
     ] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the --num-samples subset.")] = 0,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the --num-samples subset.")] = 0,
     model_version: Annotated[
         str | None,
-        typer.Option(help="The model that made the set; only for files that do not record it "
-                     "(made before calibjob did).")
+        typer.Option(
+            metavar="NAME",
+            help="The model that made the set; only for files that do not record it "
+            "(made before calibjob did).",
+        ),
     ] = None,
     local_ckpt: Annotated[
-        str | None, typer.Option(help="Local MMDiT checkpoint (.safetensors) instead of the hub.")
+        str | None, typer.Option(metavar="FILE", help="Local MMDiT checkpoint (.safetensors).")
     ] = None,
     dtype: Annotated[
         str | None,
-        typer.Option(help="Activation dtype (float32, float16, bfloat16); default: the set's, "
-                     "else float32 on CPU, float16 on a GPU.")
+        typer.Option(
+            metavar="NAME",
+            help="Activation dtype (float32, float16, bfloat16); default: the set's, "
+            "else float32 on CPU, float16 on a GPU.",
+        ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option(help="Points of one (timestep, prompt) per model call; 0 = auto for "
-                          "the device (a GPU: all of them, up to 32).")
+        int,
+        typer.Option(
+            metavar="N",
+            help="Points of one (timestep, prompt) per model call; 0 = auto for "
+            "the device (a GPU: all of them, up to 32).",
+        ),
     ] = 0,
     unit_points: Annotated[
-        int, typer.Option(help="Most points in one work unit (a unit is one timestep's batches; "
-                          "a kill loses at most one unit).")
+        int,
+        typer.Option(
+            metavar="N",
+            help="Most points in one work unit (a unit is one timestep's batches; "
+            "a kill loses at most one unit).",
+        ),
     ] = PROFILE_UNIT_POINTS,
     compile: Annotated[
         bool | None,
-        typer.Option("--compile/--no-compile",
-                     help="mx.compile the profiled forward. (default: on a GPU only)")
+        typer.Option(
+            "--compile/--no-compile",
+            help="mx.compile the profiled forward. (default: on a GPU only)",
+        ),
     ] = None,
     progress: Annotated[
         bool | None,
-        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
+        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
     ] = None,
 ) -> None:
     """Profile the MMDiT that made a calibration set: statistics of every linear layer's input
@@ -84,8 +117,14 @@ def profile(
     sh = parse_shard(shard)
     cal = read_set(calib)
     job = resolve_job(
-        cal, store, model_version=model_version, dtype=dtype, num_samples=num_samples,
-        seed=seed, batch_size=batch_size, unit_points=unit_points,
+        cal,
+        store,
+        model_version=model_version,
+        dtype=dtype,
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=batch_size,
+        unit_points=unit_points,
         compile="auto" if compile is None else ("on" if compile else "off"),
         local_ckpt=local_ckpt,
     )
@@ -101,23 +140,37 @@ def profile(
 
 
 def profile_report(
-    store: Annotated[Path, typer.Argument(help="A finished profile store.", show_default=False)],
+    store: Annotated[
+        Path, typer.Argument(metavar="STORE", help="A finished profile store.", show_default=False)
+    ],
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Folder for the PNGs (created if missing).",
-                           show_default=False)
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="DIR",
+            help="Folder for the PNGs (created if missing).",
+            show_default=False,
+        ),
     ],
     layers: Annotated[
         str | None,
-        typer.Option(help="Comma-separated layers for the histogram and channel figures, e.g. "
-                     "mm_00_img,mm_12_txt (default: first, middle and last).")
+        typer.Option(
+            metavar="LAYERS",
+            help="Comma-separated layers for the histogram and channel figures, e.g. "
+            "mm_00_img,mm_12_txt (default: first, middle and last).",
+        ),
     ] = None,
     timesteps: Annotated[
-        int, typer.Option(help="Timesteps shown in the post-GELU histograms.")
+        int, typer.Option(metavar="N", help="Timesteps shown in the post-GELU histograms.")
     ] = 4,
     export: Annotated[
         Path | None,
-        typer.Option(help="Also write every statistic as flat arrays to this .npz "
-                     "({layer}:{input}::t={t:.6f}::{count,mean,std,min,max,histogram}).")
+        typer.Option(
+            metavar="FILE",
+            help="Also write every statistic as flat arrays to this .npz, keyed "
+            "LAYER:INPUT::t=T::STAT (STAT: count, mean, std, min, max, histogram).",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
 ) -> None:
@@ -127,7 +180,7 @@ def profile_report(
     and heatmap_negative.png into the folder, prints the summary table, and with --export
     the statistics as an .npz loadable without pickle.
 
-        calibjob profile-report out/profile.zarr -o out/profile-report --export stats.npz
+        calibjob profile-report out/profile.zarr -o out/report --export stats.npz
     """
     from calibjob.profile import report
     from calibjob.profile import stats as pstats
