@@ -65,6 +65,9 @@ def _print_result(res, store: Path | str, shard: str) -> None:
             f"shard {shard}: {res.trajectories_run} trajectories in {res.units_run} units, "
             f"{res.seconds:.1f} s, {res.traj_steps_per_s:.1f} trajectory-steps/s -> {store}"
         )
+    if res.phases:  # seconds and peak memory of each phase (the benchmark reads this line)
+        ph = ", ".join(f"{k} {s:.1f} s / {gb:.2f} GB" for k, (s, gb) in res.phases.items())
+        out.print(f"phases: {ph}", highlight=False)
 
 
 @app.command()
@@ -142,6 +145,14 @@ def run(
             help="auto, float32, float16 or bfloat16; auto = float32 on CPU, float16 on GPU."
         ),
     ] = None,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(
+            help="GB the auto batch size may plan for (a machine shared with other work, e.g. "
+            "12 on a 16 GB Mac); 0 = the device's own (Metal: recommended working set; CUDA: "
+            "the card). (default: 0)"
+        ),
+    ] = None,
     compile: Annotated[
         bool | None,
         typer.Option(
@@ -180,6 +191,7 @@ def run(
         shift=shift,
         batch_size=batch_size,
         dtype=dtype,
+        max_memory=max_memory,
         compile=None if compile is None else ("on" if compile else "off"),
     )
     from calibjob.remote import normalize
@@ -265,6 +277,7 @@ def _print_status(store: str, logs: str | None) -> bool:
     table.add_column("done", justify="right")
     table.add_column("total", justify="right")
     table.add_column("traj-steps/s", justify="right")
+    table.add_column("peak GB", justify="right")
     table.add_column("last report", justify="right")
     if states:
         table.add_column("job")
@@ -274,6 +287,7 @@ def _print_status(store: str, logs: str | None) -> bool:
             str(r.done),
             str(r.total),
             f"{r.traj_steps_per_s:.1f}" if r.traj_steps_per_s else "-",
+            f"{r.peak_memory_gb:.1f}" if r.peak_memory_gb is not None else "-",
             f"{r.last_seen_s:.0f} s ago" if r.last_seen_s is not None else "-",
         ]
         if states:
@@ -281,7 +295,8 @@ def _print_status(store: str, logs: str | None) -> bool:
             row.append(f"{st_} ({tasks[r.shard]['job_id']})" if st_ else "-")
         table.add_row(*row)
     rate = f"{s.traj_steps_per_s:.1f}" if s.traj_steps_per_s else "-"
-    last = ["all", str(s.done), str(s.total), rate, ""]
+    peaks = [r.peak_memory_gb for r in s.rows if r.peak_memory_gb is not None]
+    last = ["all", str(s.done), str(s.total), rate, f"{max(peaks):.1f}" if peaks else "", ""]
     table.add_row(*last, *([""] if states else []), style="bold")
     out.print(table)
     incomplete = {r.shard for r in s.rows if r.done < r.total}

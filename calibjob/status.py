@@ -24,6 +24,7 @@ class ShardRow:
     total: int
     traj_steps_per_s: float | None
     last_seen_s: float | None
+    peak_memory_gb: float | None = None  # the most MLX memory the shard's worker held
 
 
 @dataclass
@@ -66,7 +67,8 @@ def store_status(store: Store, shards: list[str] | tuple[str, ...] = ()) -> Stat
         shard_done = int(done[trajs].sum()) if trajs else 0
         if r and seen is not None and seen < ACTIVE_WINDOW_S and shard_done < len(trajs):
             rate += r
-        rows.append(ShardRow(str(sh), shard_done, len(trajs), r, seen))
+        peak = info.get("peak_memory_gb")
+        rows.append(ShardRow(str(sh), shard_done, len(trajs), r, seen, peak))
     missing = np.flatnonzero(~done).tolist()
     left_steps = len(missing) * cfg.num_sampling_steps
     eta = left_steps / rate if rate > 0 else None

@@ -15,7 +15,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,16 @@ class RunResult:
     recomputed: list[int]
     seconds: float
     traj_steps_per_s: float
+    # phase -> (seconds, peak GB of MLX memory in it): load_text, encode, load_mmdit, denoise
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobConfig:
+def resolve_config(
+    cfg: JobConfig, store_path: str | Path | None = None, *, share: int = 1
+) -> JobConfig:
     """Fill in what the command line leaves open: the prompts (from the prompt file), and
-    'auto' dtype and batch size (the existing store's choice, else the device's)."""
+    'auto' dtype and batch size (the existing store's choice, else the device's: the batch
+    that fits this worker's memory, its 1/`share` of the device when workers share one)."""
     from calibjob.config import canonical_model
 
     cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
@@ -64,9 +69,19 @@ def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobC
 
         per_prompt = -(-cfg.num_fid_samples // len(cfg.prompts))
         cfg = cfg.replace(
-            dtype=device.resolve_dtype(cfg.dtype),
-            batch_size=device.resolve_batch_size(cfg.batch_size, per_prompt),
-            compile=device.resolve_compile(cfg.compile),
+            dtype=device.resolve_dtype(cfg.dtype), compile=device.resolve_compile(cfg.compile)
+        )
+        cfg = cfg.replace(
+            batch_size=device.resolve_batch_size(
+                cfg.batch_size,
+                per_prompt,
+                model=cfg.model_version,
+                dtype=cfg.dtype,
+                compile=cfg.compile,
+                latent_size=cfg.latent_size,
+                max_memory=cfg.max_memory,
+                share=share,
+            )
         )
     return cfg
 
@@ -162,22 +177,18 @@ def run_shard(
         )
     if not todo:
         if not store.encoded:  # a shard with no units still leaves the conditioning in place
-            ensure_encoded(store, _load_model(store))
+            ensure_encoded(store, _load_model(store, mmdit=False))
         return RunResult(len(all_units), 0, 0, recomputed, time.perf_counter() - t0, 0.0)
 
     from calibjob.engine import Engine
 
     cfg = store.config
     try:
-        model = _load_model(store)
+        model, phases = load_encoded(store)
     except BaseException:
         if fresh and not store.reload().encoded:  # leave no empty store behind
             shutil.rmtree(store.path, ignore_errors=True)
         raise
-    if not store.encoded:
-        ensure_encoded(store, model)
-    if cfg.low_memory_mode:
-        model.free_text_encoders()
     store = store.reload()
     cs, cs_pooled = store.conditioning()
     engine = Engine(
@@ -209,6 +220,7 @@ def run_shard(
                 / max(elapsed, 1e-9),
                 "units_left": len(todo) - stats["units_done"],
                 "pid": os.getpid(),
+                "peak_memory_gb": round(peak_memory_gb(), 2),
             },
         )
 
@@ -251,12 +263,19 @@ def run_shard(
             writer.close()
         engine.release_prompt()
     seconds = time.perf_counter() - t0
+    phases["denoise"] = (time.perf_counter() - t_loop, peak_memory_gb())
     return RunResult(
-        len(all_units), len(todo), n_traj, recomputed, seconds, steps_total / max(seconds, 1e-9)
+        len(all_units),
+        len(todo),
+        n_traj,
+        recomputed,
+        seconds,
+        steps_total / max(seconds, 1e-9),
+        phases,
     )
 
 
-def _load_model(store: Store):
+def _load_model(store: Store, *, text_encoders: bool | None = None, mmdit: bool = True):
     """The store's model; text encoders only while the prompts still need encoding."""
     from calibjob import models
 
@@ -266,8 +285,49 @@ def _load_model(store: Store):
         shift=cfg.shift,
         dtype=cfg.dtype,
         local_ckpt=cfg.local_ckpt,
-        text_encoders=not store.encoded,
+        text_encoders=not store.encoded if text_encoders is None else text_encoders,
+        mmdit=mmdit,
     )
+
+
+def peak_memory_gb() -> float:
+    """MLX's peak memory in this process since the last reset (GB)."""
+    from calibjob.device import mx
+
+    return mx.get_peak_memory() / 1e9
+
+
+def load_encoded(store: Store):
+    """The model ready to denoise, the prompts encoded in the store; with phase timings.
+
+    Text encoders and MMDiT are never in memory together (low_memory_mode, the default): the
+    encoders load alone, encode, are freed, and only then does the MMDiT load. T5-XXL alone is
+    ~9.8 GB in float16 against the MMDiT's 4.2 GB, so this sets the run's peak. Returns
+    (model, {phase: (seconds, peak GB)})."""
+    from calibjob.device import mx
+
+    phases: dict[str, tuple[float, float]] = {}
+
+    def phase(name: str, fn):
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        out = fn()
+        phases[name] = (time.perf_counter() - t, peak_memory_gb())
+        return out
+
+    if not store.config.low_memory_mode:
+        model = phase("load", lambda: _load_model(store))
+        if not store.encoded:
+            phase("encode", lambda: ensure_encoded(store, model))
+        return model, phases
+    if not store.encoded:
+        text = phase("load_text", lambda: _load_model(store, text_encoders=True, mmdit=False))
+        phase("encode", lambda: ensure_encoded(store, text))
+        text.free_text_encoders()
+        del text
+    model = phase("load_mmdit", lambda: _load_model(store, text_encoders=False))
+    mx.reset_peak_memory()  # the denoise phase's peak starts here
+    return model, phases
 
 
 def fmt_ranges(ks) -> str:
