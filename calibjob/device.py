@@ -92,6 +92,13 @@ MMDIT_PARAMS = {
 }
 REF_TOKENS, REF_WIDTH = 256 + 589, 1536
 TRAJECTORY_GB = {"off": 0.30, "on": 0.30}  # per trajectory at REF_TOKENS x REF_WIDTH, fp16
+if os.environ.get("CALIBJOB_TRAJECTORY_GB"):  # "off:GB,on:GB", a benchmark's fresh figures
+    TRAJECTORY_GB.update(
+        {
+            k: float(v)
+            for k, v in (p.split(":") for p in os.environ["CALIBJOB_TRAJECTORY_GB"].split(","))
+        }
+    )
 RESERVE_GB = 1.0  # conditioning, the step's inputs, MLX's kernels and allocator slack
 MAX_GPU_BATCH = 32  # throughput flattens past 16-32 on an H100
 
