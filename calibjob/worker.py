@@ -297,6 +297,22 @@ def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
 
+def _materialized(model):
+    """Evaluate the loaded weights now: DiffusionKit's loaders are lazy, so the checkpoint's
+    read and dtype cast would otherwise happen (and peak) inside the first denoising step."""
+    import gc
+
+    from calibjob.device import mx
+
+    t = model.text
+    for part in (model.mmdit, *((t.clip_l, t.clip_g, t.t5) if t is not None else ())):
+        if part is not None:
+            mx.eval(part.parameters())
+    gc.collect()
+    mx.clear_cache()
+    return model
+
+
 def load_encoded(store: Store):
     """The model ready to denoise, the prompts encoded in the store; with phase timings.
 
@@ -321,11 +337,14 @@ def load_encoded(store: Store):
             phase("encode", lambda: ensure_encoded(store, model))
         return model, phases
     if not store.encoded:
-        text = phase("load_text", lambda: _load_model(store, text_encoders=True, mmdit=False))
+        text = phase(
+            "load_text",
+            lambda: _materialized(_load_model(store, text_encoders=True, mmdit=False)),
+        )
         phase("encode", lambda: ensure_encoded(store, text))
         text.free_text_encoders()
         del text
-    model = phase("load_mmdit", lambda: _load_model(store, text_encoders=False))
+    model = phase("load_mmdit", lambda: _materialized(_load_model(store, text_encoders=False)))
     mx.reset_peak_memory()  # the denoise phase's peak starts here
     return model, phases
 
