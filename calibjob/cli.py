@@ -125,6 +125,9 @@ def _print_result(res, store: Path | str, shard: str) -> None:
             f"they finish there: follow with `calibjob status {store}`",
             markup=False,
         )
+    if res.phases:  # seconds and peak memory of each phase (the benchmark reads this line)
+        ph = ", ".join(f"{k} {s:.1f} s / {gb:.2f} GB" for k, (s, gb) in res.phases.items())
+        out.print(f"phases: {ph}", highlight=False)
 
 
 def _check_output(output: Path | None, force: bool) -> None:
@@ -323,6 +326,14 @@ def run(
             help="auto, float32, float16 or bfloat16; auto = float32 on CPU, float16 on GPU.",
         ),
     ] = None,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(
+            help="GB the auto batch size may plan for (a machine shared with other work, e.g. "
+            "12 on a 16 GB Mac); 0 = the device's own (Metal: recommended working set; CUDA: "
+            "the card). (default: 0)"
+        ),
+    ] = None,
     compile: Annotated[
         bool | None,
         typer.Option(
@@ -374,6 +385,7 @@ def run(
         shift=shift,
         batch_size=batch_size,
         dtype=dtype,
+        max_memory=max_memory,
         compile=None if compile is None else ("on" if compile else "off"),
     )
     sh = parse_shard(shard)
@@ -522,15 +534,16 @@ def _print_status(store: str, logs: str | None, verify: bool = False) -> bool:
             r.shard,
             f"{r.done}/{r.total}",
             f"{r.traj_steps_per_s:.1f}" if r.traj_steps_per_s else "-",
-            f"{r.peak_memory_gb:.2f}" if r.peak_memory_gb else "-",
+            f"{r.peak_memory_gb:.2f}" if r.peak_memory_gb is not None else "-",
             f"{r.last_seen_s:.0f} s ago" if r.last_seen_s is not None else "-",
             state,
             *job_id,
         )
     rate = f"{s.traj_steps_per_s:.1f}" if s.traj_steps_per_s else "-"
+    peaks = [r.peak_memory_gb for r in s.rows if r.peak_memory_gb is not None]
     table.add_row(
-        "all", f"{s.done}/{s.total}", rate, "", "", "", *([""] if states else []),
-        style="bold",
+        "all", f"{s.done}/{s.total}", rate, f"{max(peaks):.2f}" if peaks else "", "", "",
+        *([""] if states else []), style="bold",
     )  # fmt: skip
     out.print(table)
     interrupted = {r.shard for r in s.rows if r.state == "interrupted"} | {

@@ -57,6 +57,9 @@ class JobConfig:
     dtype: str = "auto"  # activation/weight dtype; auto = float32 on CPU, float16 on a GPU
     compile: str = "auto"  # mx.compile the Euler step: on, off; auto = on on a GPU, off on CPU
     low_memory_mode: bool = True  # free the text encoders before denoising
+    # GB the auto batch size may plan for (0 = what the device offers); it only steers the
+    # auto choice, which the store then fixes, so it is not part of the job's identity
+    max_memory: float = 0.0
     local_ckpt: str | None = None
     prompts: tuple[str, ...] = field(default=())  # filled from prompt_file by `resolve`
 
@@ -93,6 +96,10 @@ class JobConfig:
             raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.num_prompts < 0:
             raise ConfigError(f"--num-prompts must be 0 (all) or positive, got {self.num_prompts}")
+        if self.max_memory < 0:
+            raise ConfigError(
+                f"--max-memory must be 0 (the device's) or positive GB, got {self.max_memory}"
+            )
         if self.seed < 0:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}")
         return self
@@ -139,8 +146,9 @@ AUTO_FIELDS = {"dtype": "auto", "batch_size": 0, "compile": "auto"}
 
 
 # Fields that change the data a job produces; two stores can be merged only if these agree.
-# (low_memory_mode, prompt_file, prompt_column, num_prompts and local_ckpt change how, not what:
-# the prompts' text is compared.)
+# (low_memory_mode, prompt_file, prompt_column, num_prompts, local_ckpt and max_memory change
+# how, not what: the prompts' text is compared, and max_memory only steers the auto batch size,
+# which is an identity field.)
 IDENTITY_FIELDS = (
     "model_version",
     "num_fid_samples",

@@ -28,6 +28,7 @@ while the device computes step i.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -38,6 +39,11 @@ from calibjob.models import Model
 from calibjob.selection import initial_noise
 
 EMPTY_LATENT = 0.0609  # DiffusionPipeline.get_empty_latent's fill (SD3's latent shift)
+# Blocks per segment of the segmented step (0 = one graph per step). CALIBJOB_SEGMENT overrides
+# it (the memory benchmark's variants).
+# Measured on an H100 (SD3-2b shapes, fp16, batch 13, compiled): segment 2 cut the peak from
+# 17.9 to 11.7 GB at 6.71 against 6.94 ms per trajectory-step (bench/memory.py).
+SEGMENT_BLOCKS = int(os.environ.get("CALIBJOB_SEGMENT", "2"))
 
 
 class ModulationSlot:
@@ -96,6 +102,7 @@ class Engine:
         latent_size: tuple[int, int],
         seed: int,
         compile: bool | None = False,
+        segment: int | None = None,
     ):
         self.model = model
         self.num_steps = num_steps
@@ -104,6 +111,8 @@ class Engine:
         self.seed = seed
         # None: the job's 'auto' (on a GPU only)
         self.compile = device.resolve_compile("auto") == "on" if compile is None else compile
+        # blocks per segment (0: the whole step as one graph); see _segmented_step
+        self.segment = SEGMENT_BLOCKS if segment is None else segment
         sigmas, timesteps = model.schedule(num_steps)
         self.sigmas_np, self.timesteps_np = sigmas, timesteps
         self.sigmas = mx.array(sigmas)
@@ -165,6 +174,9 @@ class Engine:
         (x, cond, sigma, sigma_next, mods) -> x_next. Compiled once per batch size."""
         if batch in self._steps:
             return self._steps[batch]
+        if self.segment > 0 and not getattr(self.model.mmdit.config, "depth_unified", 0):
+            self._steps[batch] = self._segmented_step(batch)
+            return self._steps[batch]
         mmdit, sampler = self.model.mmdit, self.model.sampler
         act, cfg = self.model.activation_dtype, self.cfg_scale
         slots, t_key = self._slots, self._t_key
@@ -187,6 +199,75 @@ class Engine:
         fn = mx.compile(step) if self.compile else step
         self._steps[batch] = fn
         return fn
+
+    def _segmented_step(self, batch: int) -> Callable:
+        """The same Euler step, with DiffusionKit's MMDiT forward taken apart at its joint
+        blocks: each block is its own (compiled) function, and the host stays at most one
+        segment of `self.segment` blocks ahead of the device (async_eval of segment j, then
+        wait for j-1). MLX keeps an op's temporaries until the device has run it, so a host
+        that queues a whole step ahead keeps a whole step's activations alive; this bounds
+        them to about two segments. Same ops in the same order as MMDiT.__call__ (SD3: no
+        RoPE, no unified blocks), so the eager result is the same to the bit."""
+        from diffusionkit.mlx.mmdit import unpatchify
+
+        mmdit, sampler = self.model.mmdit, self.model.sampler
+        act, cfg, t_key, k = self.model.activation_dtype, self.cfg_scale, self._t_key, self.segment
+        blocks = list(mmdit.multimodal_transformer_blocks)
+        slots = self._slots  # order: (img, txt) per block, then the final layer
+        rep = (lambda m: m) if batch == 1 else (lambda m: mx.repeat(m, batch, axis=0))
+
+        def block_fn(i: int):
+            block, s_img, s_txt = blocks[i], slots[2 * i], slots[2 * i + 1]
+
+            def f(h, c, m_img, m_txt):
+                s_img.value, s_txt.value = rep(m_img), rep(m_txt)
+                h, c = block(h, c, t_key, positional_encodings=None)
+                s_img.value = s_txt.value = None
+                return h, c
+
+            return mx.compile(f) if self.compile else f
+
+        def head(x, cond):
+            x_in = mx.concatenate([x, x], axis=0).astype(act)
+            c = mmdit.context_embedder(cond)
+            h = mmdit.x_embedder(x_in) + mmdit.x_pos_embedder(x_in)
+            return x_in, h.reshape(x_in.shape[0], -1, 1, mmdit.config.hidden_size), c
+
+        def tail(x, x_in, h, sigma, sigma_next, m_final):
+            slots[-1].value = rep(m_final)
+            out = mmdit.final_layer(h, t_key)
+            slots[-1].value = None
+            hh, ww = x_in.shape[1], x_in.shape[2]
+            out = unpatchify(
+                out,
+                patch_size=mmdit.config.patch_size,
+                target_height=hh,
+                target_width=ww,
+                vae_latent_dim=mmdit.config.vae_latent_dim,
+            )
+            denoised = sampler.calculate_denoised(sigma, out, x_in)
+            pos, neg = denoised.split(2)
+            denoised = neg + cfg * (pos - neg)
+            d = (x - denoised) / sigma
+            return x + d * (sigma_next - sigma)
+
+        fns = [block_fn(i) for i in range(len(blocks))]
+        head_fn = mx.compile(head) if self.compile else head
+        tail_fn = mx.compile(tail) if self.compile else tail
+
+        def step(x, cond, sigma, sigma_next, mods):
+            x_in, h, c = head_fn(x, cond)
+            queued = None
+            for i, f in enumerate(fns):
+                h, c = f(h, c, mods[2 * i], mods[2 * i + 1])
+                if (i + 1) % k == 0 and i + 1 < len(fns):
+                    mx.async_eval(h, c)
+                    if queued is not None:
+                        mx.eval(queued)  # the device finished the segment before this one
+                    queued = h
+            return tail_fn(x, x_in, h, sigma, sigma_next, mods[-1])
+
+        return step
 
     @contextlib.contextmanager
     def _slots_installed(self) -> Iterator[None]:

@@ -143,8 +143,39 @@ def visible_gpus() -> list[int]:
 # ---- the task: what each worker process runs ------------------------------------------------
 
 
-def run_task(fields: dict, location: str, shard: str) -> dict:
-    """One shard, as `calibjob run --shard i/n` does it; picklable, for submitit."""
+def device_share(executor: str, shards: int) -> int:
+    """How many of this launch's workers share one device: local shards go round robin over
+    the visible GPUs (all on one device on a Mac or a CPU machine); Slurm tasks get their own."""
+    if executor != "local":
+        return 1
+    gpus = visible_gpus()
+    return -(-shards // len(gpus)) if gpus else shards
+
+
+def check_share(cfg: JobConfig, share: int) -> None:
+    """Refuse, in one line, a launch whose workers cannot each fit their share of the device
+    (only where this machine is the one that runs them, and the batch is not fixed yet)."""
+    if share <= 1:
+        return
+    from calibjob import device
+
+    dtype = device.resolve_dtype(cfg.dtype)
+    per_prompt = -(-cfg.num_fid_samples // len(cfg.prompts))
+    device.resolve_batch_size(
+        cfg.batch_size if cfg.batch_size else 0,
+        per_prompt,
+        model=cfg.model_version,
+        dtype=dtype,
+        compile=device.resolve_compile(cfg.compile),
+        latent_size=cfg.latent_size,
+        max_memory=cfg.max_memory,
+        share=share,
+    )
+
+
+def run_task(fields: dict, location: str, shard: str, share: int = 1) -> dict:
+    """One shard, as `calibjob run --shard i/n` does it; picklable, for submitit. `share`:
+    workers on this shard's device, each planning its batch for 1/share of the memory."""
     from calibjob import interrupts
 
     interrupts.install()  # Ctrl-C / SIGTERM: one line in the log, exit 130 (interrupts.py)
@@ -156,17 +187,19 @@ def run_task(fields: dict, location: str, shard: str) -> dict:
         flush=True,
     )
     try:
-        return _run_task(fields, location, sh)
+        return _run_task(fields, location, sh, share)
     except KeyboardInterrupt:  # one line in the log (status reads it), not a traceback
         print(interrupts.message(), file=sys.stderr, flush=True)
         os._exit(interrupts.EXIT_INTERRUPTED)
 
 
-def _run_task(fields: dict, location: str, sh: Shard) -> dict:
+def _run_task(fields: dict, location: str, sh: Shard, share: int) -> dict:
     from calibjob.progress import plural
     from calibjob.worker import resolve_config, run_shard
 
-    cfg = resolve_config(with_store_choices(JobConfig.from_dict(fields), location), location)
+    cfg = resolve_config(
+        with_store_choices(JobConfig.from_dict(fields), location), location, share=share
+    )
     res = run_shard(cfg, location, sh, show_progress=None)  # a log file: one line per unit
     print(
         f"shard {sh}: {plural(res.trajectories_run, 'trajectory')} in "
@@ -191,6 +224,8 @@ def submit(
     """Start the given shards; return their launch entries (also written to launch.json)."""
     import submitit
 
+    share = device_share(executor, count)
+    check_share(cfg, share)  # before anything is written
     log_dir.mkdir(parents=True, exist_ok=True)
     fields = cfg.to_dict()
     names = [str(Shard(i, count)) for i in shards]
@@ -209,7 +244,7 @@ def submit(
                 ex.update_parameters(
                     timeout_min=slurm.time_min, gpus_per_node=len(pin), visible_gpus=pin
                 )
-                jobs.append(ex.submit(run_task, fields, location, name))
+                jobs.append(ex.submit(run_task, fields, location, name, share))
         finally:
             signal.signal(signal.SIGINT, sigint)
     elif executor == "slurm":

@@ -27,17 +27,15 @@ def plural(n: int, word: str) -> str:
 
 
 def peak_memory_gb() -> float:
-    """The most memory this process has held: MLX's peak where it tracks one (a GPU, whose
-    memory on a Mac is the machine's), else the peak resident set."""
+    """The most memory MLX has held in this process since its last reset (GB): on a Mac the
+    machine's own memory, shared with the GPU. Without MLX loaded, the peak resident set."""
     try:
         import mlx.core as mx
 
-        if mx.default_device() == mx.gpu:
-            return mx.get_peak_memory() / 1e9
+        return mx.get_peak_memory() / 1e9
     except Exception:  # noqa: BLE001  (no MLX loaded, or an old one)
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (1e9 if sys.platform == "darwin" else 1e6)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, B on macOS
+        return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
 def fmt_eta(seconds: float | None) -> str:

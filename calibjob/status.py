@@ -32,7 +32,7 @@ class ShardRow:
     traj_steps_per_s: float | None
     last_seen_s: float | None
     state: str  # running, finished, interrupted, running elsewhere, not run here, unknown
-    peak_memory_gb: float | None = None
+    peak_memory_gb: float | None = None  # the most MLX memory the shard's worker held
 
 
 @dataclass

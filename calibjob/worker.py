@@ -40,11 +40,16 @@ class RunResult:
     denoise_seconds: float = 0.0
     units_elsewhere: list[int] = field(default_factory=list)  # held by other live workers
     held_by: dict[int, str] = field(default_factory=dict)
+    # phase -> (seconds, peak GB of MLX memory in it): load_text, encode, load_mmdit, denoise
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobConfig:
+def resolve_config(
+    cfg: JobConfig, store_path: str | Path | None = None, *, share: int = 1
+) -> JobConfig:
     """Fill in what the command line leaves open: the prompts (from the prompt file), and
-    'auto' dtype and batch size (the existing store's choice, else the device's)."""
+    'auto' dtype and batch size (the existing store's choice, else the device's: the batch
+    that fits this worker's memory, its 1/`share` of the device when workers share one)."""
     from calibjob.config import canonical_model
 
     cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
@@ -61,9 +66,19 @@ def resolve_config(cfg: JobConfig, store_path: str | Path | None = None) -> JobC
 
         per_prompt = -(-cfg.num_fid_samples // len(cfg.prompts))
         cfg = cfg.replace(
-            dtype=device.resolve_dtype(cfg.dtype),
-            batch_size=device.resolve_batch_size(cfg.batch_size, per_prompt),
-            compile=device.resolve_compile(cfg.compile),
+            dtype=device.resolve_dtype(cfg.dtype), compile=device.resolve_compile(cfg.compile)
+        )
+        cfg = cfg.replace(
+            batch_size=device.resolve_batch_size(
+                cfg.batch_size,
+                per_prompt,
+                model=cfg.model_version,
+                dtype=cfg.dtype,
+                compile=cfg.compile,
+                latent_size=cfg.latent_size,
+                max_memory=cfg.max_memory,
+                share=share,
+            )
         )
     return cfg
 
@@ -229,7 +244,7 @@ def run_shard(
     todo = [u for u in todo if u.index not in elsewhere]
     if not todo:
         if not store.encoded:  # a shard with no units still leaves the conditioning in place
-            ensure_encoded(store, _load_model(store))
+            ensure_encoded(store, _load_model(store, mmdit=False))
         _finish_records(store, my_shards, "finished" if not elsewhere else "running elsewhere")
         return RunResult(
             len(all_units), 0, 0, recomputed, time.perf_counter() - t0, 0.0, 0.0,
@@ -239,11 +254,7 @@ def run_shard(
     from calibjob.engine import Engine
 
     cfg = store.config
-    model = _load_model(store)
-    if not store.encoded:
-        ensure_encoded(store, model)
-    if cfg.low_memory_mode:
-        model.free_text_encoders()
+    model, phases = load_encoded(store)
     store = store.reload()
     cs, cs_pooled = store.conditioning()
     engine = Engine(
@@ -273,7 +284,7 @@ def run_shard(
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "state": "running",
-            "peak_memory_gb": peak_memory_gb(),
+            "peak_memory_gb": round(peak_memory_gb(), 2),
         }
         for sh in my_shards:
             store.record_progress(str(sh), info)
@@ -313,6 +324,7 @@ def run_shard(
                 claims.close()
         engine.release_prompt()
     denoise_s = time.perf_counter() - prog.t0 if prog.t0 else 0.0
+    phases["denoise"] = (denoise_s, peak_memory_gb())
     if interrupted:
         _finish_records(store, my_shards, "interrupted")
         raise Interrupted()
@@ -321,7 +333,7 @@ def run_shard(
     return RunResult(
         len(all_units), len(ran), n_ran, recomputed, time.perf_counter() - t0,
         n_ran * steps / max(denoise_s, 1e-9) if ran else 0.0, denoise_s,
-        sorted(skipped), skipped,
+        sorted(skipped), skipped, phases,
     )  # fmt: skip
 
 
@@ -337,7 +349,7 @@ def _finish_records(store: Store, shards: list[Shard], state: str) -> None:
         store.record_progress(str(sh), {**info, "state": state})
 
 
-def _load_model(store: Store):
+def _load_model(store: Store, *, text_encoders: bool | None = None, mmdit: bool = True):
     """The store's model; text encoders only while the prompts still need encoding."""
     from calibjob import models
 
@@ -347,8 +359,61 @@ def _load_model(store: Store):
         shift=cfg.shift,
         dtype=cfg.dtype,
         local_ckpt=cfg.local_ckpt,
-        text_encoders=not store.encoded,
+        text_encoders=not store.encoded if text_encoders is None else text_encoders,
+        mmdit=mmdit,
     )
+
+
+def _materialized(model):
+    """Evaluate the loaded weights now: DiffusionKit's loaders are lazy, so the checkpoint's
+    read and dtype cast would otherwise happen (and peak) inside the first denoising step."""
+    import gc
+
+    from calibjob.device import mx
+
+    t = model.text
+    for part in (model.mmdit, *((t.clip_l, t.clip_g, t.t5) if t is not None else ())):
+        if part is not None:
+            mx.eval(part.parameters())
+    gc.collect()
+    mx.clear_cache()
+    return model
+
+
+def load_encoded(store: Store):
+    """The model ready to denoise, the prompts encoded in the store; with phase timings.
+
+    Text encoders and MMDiT are never in memory together (low_memory_mode, the default): the
+    encoders load alone, encode, are freed, and only then does the MMDiT load. T5-XXL alone is
+    ~9.8 GB in float16 against the MMDiT's 4.2 GB, so this sets the run's peak. Returns
+    (model, {phase: (seconds, peak GB)})."""
+    from calibjob.device import mx
+
+    phases: dict[str, tuple[float, float]] = {}
+
+    def phase(name: str, fn):
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        out = fn()
+        phases[name] = (time.perf_counter() - t, peak_memory_gb())
+        return out
+
+    if not store.config.low_memory_mode:
+        model = phase("load", lambda: _load_model(store))
+        if not store.encoded:
+            phase("encode", lambda: ensure_encoded(store, model))
+        return model, phases
+    if not store.encoded:
+        text = phase(
+            "load_text",
+            lambda: _materialized(_load_model(store, text_encoders=True, mmdit=False)),
+        )
+        phase("encode", lambda: ensure_encoded(store, text))
+        text.free_text_encoders()
+        del text
+    model = phase("load_mmdit", lambda: _materialized(_load_model(store, text_encoders=False)))
+    mx.reset_peak_memory()  # the denoise phase's peak starts here
+    return model, phases
 
 
 def fmt_ranges(ks) -> str:

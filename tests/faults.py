@@ -35,13 +35,13 @@ def install(a: argparse.Namespace) -> None:
     if a.slow_load or a.load_fails:
         orig_load = worker._load_model
 
-        def load(st):
+        def load(st, **kw):
             time.sleep(a.slow_load)
             if a.load_fails:
                 from calibjob.errors import ModelUnavailable
 
                 raise ModelUnavailable("cannot load the MMDiT (injected: no weights here)")
-            return orig_load(st)
+            return orig_load(st, **kw)
 
         worker._load_model = load
     if a.slow_link:

@@ -121,3 +121,19 @@ def test_compiled_step_equals_the_eager_one_across_prompts(model, cond):
         np.testing.assert_allclose(fa, fb, rtol=1e-5, atol=1e-5)
     eager.release_prompt()
     compiled.release_prompt()
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("segment", [1, 2])
+def test_segmented_step_equals_the_whole_step(model, cond, compile, segment):
+    """The memory-bounded step (blocks as separate functions, host at most one segment ahead)
+    gives the whole-step graph's numbers: to the bit eager, within float32 rounding compiled."""
+    cs, pooled = cond
+    kw = dict(num_steps=STEPS, cfg_scale=CFG, latent_size=LATENT, seed=SEED, compile=compile)
+    whole = Engine(model, segment=0, **kw).run_unit(2, [2, 5], cs[2], pooled[2])[0]
+    seg = Engine(model, segment=segment, **kw).run_unit(2, [2, 5], cs[2], pooled[2])[0]
+    if compile:
+        np.testing.assert_allclose(seg, whole, rtol=1e-5, atol=1e-5)
+    else:
+        assert np.array_equal(seg, whole)
+    assert np.abs(seg[:, -1] - seg[:, 0]).mean() > 0.05

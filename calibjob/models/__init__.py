@@ -44,7 +44,7 @@ class Model:
     """A loaded backend: DiffusionKit's MMDiT and sampler, text encoders until freed."""
 
     name: str
-    mmdit: MMDiT
+    mmdit: MMDiT | None  # None: text encoders only (encode, free, then load the MMDiT)
     sampler: ModelSamplingDiscreteFlow
     text: TextEncoders | None
     dtype: str
@@ -95,8 +95,10 @@ def load(
     dtype: str = "auto",
     local_ckpt: str | None = None,
     text_encoders: bool = True,
+    mmdit: bool = True,
 ) -> Model:
-    """Load a backend by name ('tiny', 'sd3-medium' or a DiffusionKit SD3 key)."""
+    """Load a backend by name ('tiny', 'sd3-medium' or a DiffusionKit SD3 key); `mmdit=False`
+    loads the text encoders alone (the worker encodes, frees them, then loads the MMDiT)."""
     key = canonical_model(name)
     dtype = device.resolve_dtype(dtype)
     device.warn_reference_blas()
@@ -104,11 +106,11 @@ def load(
     if key == TINY:
         from calibjob.models import tiny
 
-        mmdit = tiny.build_mmdit(mdt)
+        net = tiny.build_mmdit(mdt) if mmdit else None
         text = tiny.build_text_encoders(mx.float32) if text_encoders else None
     else:
         from calibjob.models import sd3
 
         text = sd3.load_text_encoders(key, mdt) if text_encoders else None
-        mmdit = sd3.load_mmdit(key, mdt, local_ckpt)
-    return Model(key, mmdit, ModelSamplingDiscreteFlow(shift=shift), text, dtype, local_ckpt)
+        net = sd3.load_mmdit(key, mdt, local_ckpt) if mmdit else None
+    return Model(key, net, ModelSamplingDiscreteFlow(shift=shift), text, dtype, local_ckpt)

@@ -15,13 +15,13 @@ from calibjob.errors import ModelUnavailable
 from calibjob.models.text import TextEncoders, make_t5_safe
 
 
-def _fetching(what: str, key: str, fn, *args, **kwargs):
+def _fetching(what: str, repo: str, fn, /, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # hub errors come in many classes (offline, gated, 404, OSError)
         why = str(e).splitlines()[0][:160] if str(e) else ""
         raise ModelUnavailable(
-            f"cannot load the {what} of {key} ({type(e).__name__}: {why}). "
+            f"cannot load the {what} of {repo} ({type(e).__name__}: {why}). "
             f"Log in with `huggingface-cli login` on a machine with network and accept the model's "
             f"licence, or pass --local-ckpt PATH to a local checkpoint (.safetensors)."
         ) from None
@@ -84,7 +84,9 @@ def load_text_encoders(key: str, dtype: mx.Dtype) -> TextEncoders:
     t5_tok = _fetching(
         "T5 tokenizer", base, model_io.load_t5_tokenizer, max_context_length=T5_MAX_LENGTH[key]
     )
-    return TextEncoders(clip_l, tok_l, clip_g, tok_g, make_t5_safe(t5), t5_tok, token_dim=4096)
+    # T5's width (4096 for T5-XXL) is the token width the CLIP features are zero-padded to
+    width = t5.wte.weight.shape[-1]
+    return TextEncoders(clip_l, tok_l, clip_g, tok_g, make_t5_safe(t5), t5_tok, token_dim=width)
 
 
 def load_vae_decoder(key: str, dtype: mx.Dtype, local_ckpt: str | None = None):
