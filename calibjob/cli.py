@@ -194,20 +194,21 @@ OutputOpt = Annotated[
         show_default=False,
     ),
 ]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Replace an existing output file.")
-]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
 
 
 @app.command(cls=Command)
 def run(
     job: Annotated[
         Path | None,
-        typer.Option(metavar="FILE", help="Job spec (TOML) in jobs/; flags override its fields."),
+        typer.Option(
+            "--job", metavar="FILE", help="Job spec (TOML) in jobs/; flags override its fields."
+        ),
     ] = None,
     store: Annotated[
         str,
         typer.Option(
+            "--store",
             metavar="STORE",
             help="Zarr store to create or continue: a folder or s3://bucket/prefix.",
         ),
@@ -215,6 +216,7 @@ def run(
     shard: Annotated[
         str,
         typer.Option(
+            "--shard",
             metavar="I/N",
             help="This worker's share, i/n (0-based), or 'auto' inside a Slurm array.",
         ),
@@ -222,18 +224,24 @@ def run(
     model_version: Annotated[
         str | None,
         typer.Option(
+            "--model-version",
             metavar="NAME",
             help="'tiny' (built in), 'sd3-medium' or a DiffusionKit SD3 key. "
-            f"(paper: {_PAPER.model_version})"
+            f"(paper: {_PAPER.model_version})",
         ),
     ] = None,
     num_fid_samples: Annotated[
         int | None,
-        typer.Option(metavar="N", help=f"Trajectories. (paper: {_PAPER.num_fid_samples})"),
+        typer.Option(
+            "--num-fid-samples",
+            metavar="N",
+            help=f"Trajectories. (paper: {_PAPER.num_fid_samples})",
+        ),
     ] = None,
     num_sampling_steps: Annotated[
         int | None,
         typer.Option(
+            "--num-sampling-steps",
             metavar="S",
             help=f"Euler steps per trajectory. (paper: {_PAPER.num_sampling_steps})",
         ),
@@ -241,6 +249,7 @@ def run(
     num_selected_steps: Annotated[
         int | None,
         typer.Option(
+            "--num-selected-steps",
             metavar="K",
             help=f"Uniformly selected steps kept by merge. (paper: {_PAPER.num_selected_steps})",
         ),
@@ -248,6 +257,7 @@ def run(
     latent_size: Annotated[
         tuple[int, int] | None,
         typer.Option(
+            "--latent-size",
             metavar="H W",
             parser=_latent_side,
             help="Latent height and width, two even numbers (pixels / 8), e.g. --latent-size "
@@ -257,12 +267,15 @@ def run(
     cfg_scale: Annotated[
         float | None,
         typer.Option(
-            metavar="SCALE", help=f"Classifier-free guidance. (paper: {_PAPER.cfg_scale})"
+            "--cfg-scale",
+            metavar="SCALE",
+            help=f"Classifier-free guidance. (paper: {_PAPER.cfg_scale})",
         ),
     ] = None,
     prompt_file: Annotated[
         str | None,
         typer.Option(
+            "--prompt-file",
             metavar="FILE",
             help="Prompts: .txt (one a line), .csv/.tsv (a column) or .jsonl (a key). "
             f"(default: {_PAPER.prompt_file})",
@@ -271,6 +284,7 @@ def run(
     prompt_column: Annotated[
         str | None,
         typer.Option(
+            "--prompt-column",
             metavar="NAME",
             help="The .csv/.tsv column or .jsonl key of the prompts. (default: a column named "
             "prompt, caption or text, else the only one)",
@@ -279,6 +293,7 @@ def run(
     num_prompts: Annotated[
         int | None,
         typer.Option(
+            "--num-prompts",
             metavar="N",
             help="Keep the first N prompts of the file; 0 = all. Trajectory k takes prompt "
             "k % N. (default: 0)",
@@ -287,6 +302,7 @@ def run(
     seed: Annotated[
         int | None,
         typer.Option(
+            "--seed",
             metavar="SEED",
             help=f"Job seed: noise of trajectory k and the merge shuffle. (default: {_PAPER.seed})",
         ),
@@ -301,6 +317,7 @@ def run(
     local_ckpt: Annotated[
         str | None,
         typer.Option(
+            "--local-ckpt",
             metavar="FILE",
             help="Local MMDiT/VAE checkpoint (.safetensors) instead of the hub.",
         ),
@@ -308,20 +325,23 @@ def run(
     shift: Annotated[
         float | None,
         typer.Option(
-            metavar="SHIFT", help=f"Schedule shift; SD3's own is 3.0. (default: {_PAPER.shift})"
+            "--shift",
+            metavar="SHIFT",
+            help=f"Schedule shift; SD3's own is 3.0. (default: {_PAPER.shift})",
         ),
     ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
+            "--batch-size",
             metavar="B",
-            help="Trajectories of one prompt per model call; 0 = auto for the device. "
-            "(default: 0)",
+            help="Trajectories of one prompt per model call; 0 = auto for the device. (default: 0)",
         ),
     ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
+            "--dtype",
             metavar="DTYPE",
             help="auto, float32, float16 or bfloat16; auto = float32 on CPU, float16 on GPU.",
         ),
@@ -329,9 +349,11 @@ def run(
     max_memory: Annotated[
         float | None,
         typer.Option(
+            "--max-memory",
+            metavar="GB",
             help="GB the auto batch size may plan for (a machine shared with other work, e.g. "
             "12 on a 16 GB Mac); 0 = the device's own (Metal: recommended working set; CUDA: "
-            "the card). (default: 0)"
+            "the card). (default: 0)",
         ),
     ] = None,
     compile: Annotated[
@@ -403,6 +425,7 @@ def resume(
     shard: Annotated[
         str | None,
         typer.Option(
+            "--shard",
             metavar="I/N",
             help="Only this shard's units (i/n or 'auto'); default: the shards that ran on "
             "this store.",
@@ -625,16 +648,21 @@ def launch(
     store: Annotated[
         str,
         typer.Option(
+            "--store",
             metavar="STORE",
             help="Zarr store shared by all shards: a folder or s3://bucket/prefix.",
         ),
     ],
     shards: Annotated[
-        int, typer.Option(metavar="N", help="Number of shards (worker processes / array tasks).")
+        int,
+        typer.Option(
+            "--shards", metavar="N", help="Number of shards (worker processes / array tasks)."
+        ),
     ] = 1,
     executor: Annotated[
         str,
         typer.Option(
+            "--executor",
             metavar="local|slurm",
             help="local: N processes here, one GPU each; slurm: one job array.",
         ),
@@ -643,18 +671,18 @@ def launch(
         bool, typer.Option("--wait/--no-wait", help="Wait for the shards, then print status.")
     ] = True,
     slurm_partition: Annotated[
-        str | None, typer.Option(metavar="NAME", help="Slurm partition.")
+        str | None, typer.Option("--slurm-partition", metavar="NAME", help="Slurm partition.")
     ] = None,
     slurm_gpus_per_task: Annotated[
-        int | None, typer.Option(metavar="N", help="GPUs per array task.")
+        int | None, typer.Option("--slurm-gpus-per-task", metavar="N", help="GPUs per array task.")
     ] = None,
     slurm_cpus_per_task: Annotated[
-        int | None, typer.Option(metavar="N", help="CPUs per array task.")
+        int | None, typer.Option("--slurm-cpus-per-task", metavar="N", help="CPUs per array task.")
     ] = None,
     time: Annotated[
         str,
         typer.Option(
-            metavar="LIMIT", help="Time limit per shard: minutes, HH:MM:SS or D-HH:MM:SS."
+            "--time", metavar="LIMIT", help="Time limit per shard: minutes, HH:MM:SS or D-HH:MM:SS."
         ),
     ] = "24:00:00",
     logs: LogsOpt = None,
@@ -793,9 +821,10 @@ def merge(
     step_selection: Annotated[
         str,
         typer.Option(
+            "--step-selection",
             metavar="linspace|stride",
             help="linspace: np.linspace(0, S-1, K) (the spec); "
-            "stride: range(0, S, S//K) (TaQ-DiT's code)."
+            "stride: range(0, S, S//K) (TaQ-DiT's code).",
         ),
     ] = "linspace",
     force: Annotated[
@@ -846,6 +875,7 @@ def inspect_cmd(
     plot: Annotated[
         Path | None,
         typer.Option(
+            "--plot",
             metavar="FILE",
             help="Also plot the stats against the timestep (.png, .pdf or .svg).",
         ),
@@ -893,7 +923,11 @@ def preview(
     ] = Path("preview.png"),
     trajectories: Annotated[
         str | None,
-        typer.Option(metavar="K,K,...", help="Comma-separated trajectory indices, e.g. 0,5,9."),
+        typer.Option(
+            "--trajectories",
+            metavar="K,K,...",
+            help="Comma-separated trajectory indices, e.g. 0,5,9.",
+        ),
     ] = None,
     n: Annotated[
         int, typer.Option("--n", metavar="N", help="Else the first N done trajectories.")

@@ -31,6 +31,7 @@ def profile(
     store: Annotated[
         str,
         typer.Option(
+            "--store",
             metavar="DIR",
             help="Profile store (a local folder) to create or continue.",
             show_default=False,
@@ -39,6 +40,7 @@ def profile(
     shard: Annotated[
         str,
         typer.Option(
+            "--shard",
             metavar="I/N",
             help="This worker's share, i/n (0-based), or 'auto' inside a Slurm array.",
         ),
@@ -46,26 +48,32 @@ def profile(
     num_samples: Annotated[
         int,
         typer.Option(
+            "--num-samples",
             metavar="N",
             help="Profile a seeded subset of this many points, spread over the "
             "timesteps in proportion; 0 = every point.",
         ),
     ] = 0,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the --num-samples subset.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", metavar="N", help="Seed of the --num-samples subset.")
+    ] = 0,
     model_version: Annotated[
         str | None,
         typer.Option(
+            "--model-version",
             metavar="NAME",
             help="The model that made the set; only for files that do not record it "
             "(made before calibjob did).",
         ),
     ] = None,
     local_ckpt: Annotated[
-        str | None, typer.Option(metavar="FILE", help="Local MMDiT checkpoint (.safetensors).")
+        str | None,
+        typer.Option("--local-ckpt", metavar="FILE", help="Local MMDiT checkpoint (.safetensors)."),
     ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
+            "--dtype",
             metavar="NAME",
             help="Activation dtype (float32, float16, bfloat16); default: the set's, "
             "else float32 on CPU, float16 on a GPU.",
@@ -74,6 +82,7 @@ def profile(
     batch_size: Annotated[
         int,
         typer.Option(
+            "--batch-size",
             metavar="N",
             help="Points of one (timestep, prompt) per model call; 0 = auto for "
             "the device (a GPU: all of them, up to 32).",
@@ -82,6 +91,7 @@ def profile(
     unit_points: Annotated[
         int,
         typer.Option(
+            "--unit-points",
             metavar="N",
             help="Most points in one work unit (a unit is one timestep's batches; "
             "a kill loses at most one unit).",
@@ -156,17 +166,22 @@ def profile_report(
     layers: Annotated[
         str | None,
         typer.Option(
+            "--layers",
             metavar="LAYERS",
             help="Comma-separated layers for the histogram and channel figures, e.g. "
             "mm_00_img,mm_12_txt (default: first, middle and last).",
         ),
     ] = None,
     timesteps: Annotated[
-        int, typer.Option(metavar="N", help="Timesteps shown in the post-GELU histograms.")
+        int,
+        typer.Option(
+            "--timesteps", metavar="N", help="Timesteps shown in the post-GELU histograms."
+        ),
     ] = 4,
     export: Annotated[
         Path | None,
         typer.Option(
+            "--export",
             metavar="FILE",
             help="Also write every statistic as flat arrays to this .npz, keyed "
             "LAYER:INPUT::t=T::STAT (STAT: count, mean, std, min, max, histogram).",
