@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (calibjob.device must load OpenBLAS before anything imports MLX)
 """Runs calibjob's CLI commands in one process on the small hub fixture (see
 test_hub_fixture.py): DiffusionKit's SD3 Medium config is swapped for the fixture's small one
 (the only thing changed; every loader, tokenizer and file lookup is DiffusionKit's and the hub's),
@@ -7,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
+import calibjob.device  # noqa: F401  (OpenBLAS before MLX: 30x faster on CPU)
 import mlx.core as mx
 from diffusionkit.mlx import model_io
 
-import calibjob.device  # noqa: F401
 from calibjob import hub_fixture as hf
 
 for key in (hf.SD3_MEDIUM, hf.SD35_LARGE):
