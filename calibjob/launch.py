@@ -143,6 +143,13 @@ def visible_gpus() -> list[int]:
 # ---- the task: what each worker process runs ------------------------------------------------
 
 
+def gpu_for_shard(shard: int, gpus: list[int]) -> list[int]:
+    """The GPU a local shard is pinned to: one each while there are enough, distinct, in the
+    order CUDA_VISIBLE_DEVICES (or nvidia-smi) lists them; round robin beyond; none on a CPU
+    machine or a Mac."""
+    return [gpus[shard % len(gpus)]] if gpus else []
+
+
 def device_share(executor: str, shards: int) -> int:
     """How many of this launch's workers share one device: local shards go round robin over
     the visible GPUs (all on one device on a Mac or a CPU machine); Slurm tasks get their own."""
@@ -239,8 +246,7 @@ def submit(
         sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             for i, name in zip(shards, names, strict=True):
-                # one GPU per worker (round robin if fewer GPUs than shards); none on a CPU box
-                pin = [gpus[i % len(gpus)]] if gpus else []
+                pin = gpu_for_shard(i, gpus)
                 ex.update_parameters(
                     timeout_min=slurm.time_min, gpus_per_node=len(pin), visible_gpus=pin
                 )

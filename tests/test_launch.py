@@ -51,3 +51,20 @@ def test_local_launch_sigkill_one_worker_then_launch_again(prompt_file, tmp_path
     merged = tmp_path / "launched.npz"
     cli("merge", str(store), "-o", str(merged))
     assert_same_npz(merged, ref)
+
+
+def test_local_shards_are_pinned_to_distinct_gpus_while_there_are_enough(monkeypatch):
+    from calibjob.launch import device_share, gpu_for_shard, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # a node's last four GPUs
+    gpus = visible_gpus()
+    assert gpus == [4, 5, 6, 7]
+    for n in (1, 2, 4):
+        pins = [gpu_for_shard(i, gpus) for i in range(n)]
+        assert all(len(p) == 1 for p in pins)
+        assert len({p[0] for p in pins}) == n  # distinct devices, one worker each
+        assert device_share("local", n) == 1
+    eight = [gpu_for_shard(i, gpus)[0] for i in range(8)]  # more shards than GPUs
+    assert eight == [4, 5, 6, 7, 4, 5, 6, 7] and device_share("local", 8) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_for_shard(0, visible_gpus()) == []

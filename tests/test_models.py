@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -76,6 +77,8 @@ def test_sd3_without_weights_is_one_clear_error(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("calibjob: error: cannot load")
     assert "--local-ckpt" in proc.stderr
+    # the hub's own words, whole: its first sentence, never cut mid-word
+    assert re.search(r"\(\w+: [^()]*[.!?]\) Log in", lines[-1]), lines[-1]
     # a store is never removed (another shard may share it): it is left clean and empty
     from calibjob.store import Store
 
