@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from calibjob import remote
+from calibjob.claims import pid_alive
 from calibjob.config import AUTO_FIELDS, JobConfig, canonical_model, differing_fields
 from calibjob.errors import ConfigError, StoreError
 from calibjob.prompts import read_prompts
@@ -333,19 +334,6 @@ def _result(entry: dict) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has ended; only its parent has not reaped it yet
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _squeue_states(job_ids: list[str]) -> dict[str, str] | None:
     """job id (ARRAY_TASK) -> Slurm state for jobs squeue still lists; None if squeue fails."""
     arrays = sorted({j.split("_")[0] for j in job_ids})
@@ -385,7 +373,7 @@ def task_states(record: dict) -> dict[str, str]:
             if e.get("host") != socket.gethostname():
                 states[shard] = "unknown"
             else:
-                states[shard] = "running" if _pid_alive(int(e["job_id"])) else "failed"
+                states[shard] = "running" if pid_alive(int(e["job_id"])) else "failed"
         elif queue is None:
             states[shard] = "unknown"
         else:
@@ -426,7 +414,7 @@ def stop_local(record: dict, grace_s: float = 60.0) -> list[str]:
 
     def reap_and_wait(seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             for e in tasks.values():  # polling a job this process started reaps it
                 job = _JOBS.get(e["job_id"])
                 if job is not None:
@@ -436,7 +424,7 @@ def stop_local(record: dict, grace_s: float = 60.0) -> list[str]:
 
     reap_and_wait(3.0)
     for pid in pids:
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
     reap_and_wait(grace_s)

@@ -135,13 +135,10 @@ def merge(
     on_trajectory=None,
 ) -> MergeSummary:
     """Merge the stores at `paths` into `out` (.npz). See the module docstring."""
+    from calibjob.outputs import check_output
+
     out = Path(out)
-    if out.exists() and not force:
-        raise ConfigError(f"{out} exists; pass --force to replace it")
-    if out.is_dir():
-        raise ConfigError(f"{out} is a folder")
-    if not out.parent.is_dir():
-        raise ConfigError(f"output folder {out.parent} does not exist")
+    check_output(out, force)
     _remove_stale_partials(out)
     seen: dict[str, str] = {}
     for p in paths:

@@ -168,22 +168,16 @@ def export_arrays(prof: Profile) -> dict[str, np.ndarray]:
 
 
 def export(prof: Profile, out: str | Path, *, force: bool = False) -> Path:
-    """Write `export_arrays` to an `.npz`, atomically (temporary file, fsync, rename)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise ConfigError(f"{out} exists; pass --force to replace it")
-    if out.is_dir():
-        raise ConfigError(f"{out} is a folder")
-    if not out.parent.is_dir():
-        raise ConfigError(f"output folder {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
+    """Write `export_arrays` to an `.npz`, whole or not at all (outputs.py's one rule)."""
+    from calibjob.outputs import check_output, write_whole
+
+    check_output(out, force, {".npz": "npz"})
+    arrays = export_arrays(prof)
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **export_arrays(prof))
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+
+    return write_whole(out, write, force)
