@@ -89,6 +89,13 @@ def run_model(name, model_flag, job_flags, cache, work, env, log, res, extra_run
     return store
 
 
+def write_fixture(cache: Path, model: str, env: dict, log) -> float:
+    """The full-size hub fixture of one model key into `cache`; returns the seconds it took."""
+    fixture = [sys.executable, "-m", "calibjob.hub_fixture", cache, "--model", model]
+    _, seconds = sh([*fixture, "--corpus", "prompts/sample_prompts.txt"], env, log)
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path("/root/hub"))
@@ -110,20 +117,7 @@ def main() -> None:
     }
     paper = ["--job", "jobs/paper.toml"]
     if args.part in ("medium", "all"):
-        _, fx = sh(
-            [
-                sys.executable,
-                "-m",
-                "calibjob.hub_fixture",
-                args.cache,
-                "--model",
-                "sd3-medium",
-                "--corpus",
-                "prompts/sample_prompts.txt",
-            ],
-            env,
-            log,
-        )
+        fx = write_fixture(args.cache, "sd3-medium", env, log)
         res["fixture_medium_s"] = fx
         store = run_model("medium", "sd3-medium", paper, args.cache, args.work, env, log, res)
         p, prev_s = sh(
@@ -146,20 +140,7 @@ def main() -> None:
     if args.part in ("large", "all"):
         med = args.cache / "models--argmaxinc--mlx-stable-diffusion-3-medium"
         subprocess.run(["rm", "-rf", str(med)])
-        _, fx = sh(
-            [
-                sys.executable,
-                "-m",
-                "calibjob.hub_fixture",
-                args.cache,
-                "--model",
-                "sd3.5-large",
-                "--corpus",
-                "prompts/sample_prompts.txt",
-            ],
-            env,
-            log,
-        )
+        fx = write_fixture(args.cache, "sd3.5-large", env, log)
         res["fixture_large_s"] = fx
         short = [*paper, "--num-fid-samples", str(args.large_trajectories)]
         run_model(
