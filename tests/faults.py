@@ -6,6 +6,7 @@
 --slow-fsync S   every fsync of a store file or a merge output waits S seconds first (a slow disk)
 --slow-load S    loading the model waits S seconds first (a large checkpoint)
 --load-fails     loading the model raises ModelUnavailable (a machine without the weights)
+--fail-when F    with --load-fails: raise only once file F exists (the test picks the moment)
 --slow-link S    merge's final link/rename of its output waits S seconds first
 --log-units F    append 'pid trajectories' to F each time the engine finishes computing a unit
 """
@@ -37,6 +38,9 @@ def install(a: argparse.Namespace) -> None:
 
         def load(st, **kw):
             time.sleep(a.slow_load)
+            deadline = time.monotonic() + 120
+            while a.fail_when and not os.path.exists(a.fail_when) and time.monotonic() < deadline:
+                time.sleep(0.01)
             if a.load_fails:
                 from calibjob.errors import ModelUnavailable
 
@@ -79,6 +83,7 @@ def main() -> None:
     p.add_argument("--slow-fsync", type=float, default=0.0)
     p.add_argument("--slow-load", type=float, default=0.0)
     p.add_argument("--load-fails", action="store_true")
+    p.add_argument("--fail-when")
     p.add_argument("--slow-link", type=float, default=0.0)
     p.add_argument("--log-units")
     a = p.parse_args(argv[:cut])

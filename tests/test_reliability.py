@@ -58,9 +58,21 @@ def test_a_failing_shard_leaves_the_shared_store_and_the_healthy_shard_alone(
 ):
     store = tmp_path / "shared.zarr"
     args = ["run", *flags(prompt_file), "--store", str(store), "--no-progress"]
+    # the broken shard finds no store (so it creates it), and fails while the healthy shard
+    # is loading its model on that store (before the fix: it removed the store it "created")
+    trigger = tmp_path / "fail-now"
+    broken = faulty(*args, "--shard", "1/2",
+                    faults=("--load-fails", "--fail-when", str(trigger)))  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not Store.exists(store) and time.monotonic() < deadline:
+        time.sleep(0.01)
     healthy = popen(*args, "--shard", "0/2")
-    # fails while the healthy shard works on the store (before the fix: rmtree of the store)
-    broken = faulty(*args, "--shard", "1/2", faults=("--slow-load", "1.5", "--load-fails"))
+    maps = Path(f"/proc/{healthy.pid}/maps")
+    while time.monotonic() < deadline + 60 and healthy.poll() is None:
+        if "libtorch" in maps.read_text():  # importing DiffusionKit: the store is open, not
+            break  # encoded yet
+        time.sleep(0.01)
+    trigger.touch()
     _, berr = broken.communicate(timeout=120)
     _, herr = healthy.communicate(timeout=300)
     assert broken.returncode == 2 and "no weights here" in one_line_error(berr)
@@ -301,7 +313,7 @@ def test_a_killed_merge_leaves_a_partial_the_next_merge_removes(baseline, tmp_pa
 def test_a_kill_with_a_slow_disk_loses_at_most_one_finished_unit(b1, prompt_file, tmp_path):
     store, log = tmp_path / "slow.zarr", tmp_path / "units.log"
     args = ["run", *flags(prompt_file, **{"batch-size": 1}), "--store", str(store)]
-    p = faulty(*args, faults=("--slow-fsync", "0.1", "--log-units", str(log)))
+    p = faulty(*args, faults=("--slow-fsync", "0.3", "--log-units", str(log)))
     deadline = time.monotonic() + 120
     while done_count(store) < 3 and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.005)
