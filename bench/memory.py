@@ -58,13 +58,13 @@ def main() -> None:
     print(f"weights {weights:.2f} GB; device_info {res['device_info']}", flush=True)
 
     # profile: one joint block alone at batch 13 (2B = 26 rows), evaluated by itself
-    from calibjob.engine import _modulated_modules, modulation_params
+    from calibjob.engine import modulated_modules, modulation_params
 
     b = 13
     mods = modulation_params(mmdit, mx.array(cp[0]).astype(dt), mx.array([1000.0], dtype=dt))[0]
     mods_b = [mx.repeat(m, b, axis=0) for m in mods]
     mx.eval(mods_b)
-    for m, v in zip(_modulated_modules(mmdit), mods_b, strict=True):
+    for m, v in zip(modulated_modules(mmdit), mods_b, strict=True):
         m._modulation_params = {1000.0: v}
     h = mx.random.normal((2 * b, 256, 1, config.hidden_size)).astype(dt)
     c = mx.random.normal((2 * b, tokens, 1, config.hidden_size)).astype(dt)
@@ -78,7 +78,7 @@ def main() -> None:
         mx.eval(out)
         res["one_block_b13_gb"] = (mx.get_peak_memory() - base) / 1e9
         del out
-    for m in _modulated_modules(mmdit):
+    for m in modulated_modules(mmdit):
         del m._modulation_params
     print(
         f"one joint block alone, batch 13: {res['one_block_b13_gb']:.2f} GB above its inputs",

@@ -152,8 +152,8 @@ def _merge_if_complete(store: str, output: Path | None, force: bool, shard: str)
     from calibjob.store import Store
 
     st = Store.open(store)
-    if not st.done_mask().all():
-        left = int((~st.done_mask()).sum())
+    left = int((~st.done_mask()).sum())
+    if left:
         out.print(
             f"shard {shard}: the job is not complete yet ({left} trajectories left elsewhere); "
             f"the worker that completes it writes {output}",
@@ -712,8 +712,7 @@ def launch(
         minutes = lz.parse_time(time)
     except ValueError:
         _fail(f"--time must be minutes, HH:MM:SS or D-HH:MM:SS, got {time!r}")
-    cfg = _job_flags_config(ctx.args)
-    output, force = _LAUNCH_OUTPUT.get("output"), _LAUNCH_OUTPUT.get("force", False)
+    cfg, output, force = _job_flags_config(ctx.args)
     if output is not None and not wait:
         _fail("-o needs --wait: the launcher merges once the shards are done")
     _check_output(output, force)
@@ -761,9 +760,6 @@ def launch(
     _merge_if_complete(loc, output, force, "launch")
 
 
-_LAUNCH_OUTPUT: dict = {}  # launch's -o/--force, parsed with run's other flags
-
-
 def _wait_or_stop(record: dict, on_change=None) -> None:
     """Wait for launched shards; on Ctrl-C or SIGTERM stop the local ones (each finishes the
     unit it is writing and records itself interrupted), then exit 130 with the one line."""
@@ -784,9 +780,9 @@ def _wait_or_stop(record: dict, on_change=None) -> None:
         interrupts.set_graceful(False)
 
 
-def _job_flags_config(args: list[str]) -> JobConfig:
+def _job_flags_config(args: list[str]) -> tuple[JobConfig, Path | None, bool]:
     """Parse `run`'s job flags (given to `launch`) with `run`'s own parser, so the two accept
-    exactly the same flags, and build the job config from them."""
+    exactly the same flags; the job config built from them, and `-o`/`--force`."""
     from calibjob.errors import ConfigError
 
     run_cmd = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
@@ -798,12 +794,12 @@ def _job_flags_config(args: list[str]) -> JobConfig:
     job = params.pop("job", None)
     ls = params.get("latent_size")
     params["latent_size"] = list(ls) if ls else None
-    _LAUNCH_OUTPUT.update(output=params.get("output"), force=bool(params.get("force")))
-    for k in ("store", "shard", "progress", "output", "force"):
+    output, force = params.pop("output", None), bool(params.pop("force", False))
+    for k in ("store", "shard", "progress"):
         params.pop(k, None)
     c = params.get("compile")
     params["compile"] = None if c is None else ("on" if c else "off")
-    return build_config(Path(job) if job else None, **params)
+    return build_config(Path(job) if job else None, **params), output, force
 
 
 @app.command(cls=Command)
@@ -857,10 +853,7 @@ def merge(
             force=force,
             on_trajectory=lambda: prog.advance(task),
         )
-    out.print(
-        f"wrote {summary.out}: {summary.points} points from {summary.trajectories} trajectories "
-        f"at steps {summary.selected_steps} ({summary.bytes / 1e6:.1f} MB)"
-    )
+    _print_merged(summary)
 
 
 @app.command("inspect", cls=Command)

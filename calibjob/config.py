@@ -183,6 +183,17 @@ def differing_fields(a: JobConfig, b: JobConfig) -> list[str]:
     return [k for k in IDENTITY_FIELDS if ia[k] != ib[k]]
 
 
+def describe_differences(fields: list[str], have: dict, asked: dict) -> str:
+    """'seed: store has 7, asked 8, ...' for a refusal that names what differs (values as JSON,
+    long ones shortened): the run store's and the profile store's words alike."""
+
+    def short(v) -> str:
+        s = json.dumps(v)
+        return s if len(s) <= 40 else s[:37] + "..."
+
+    return ", ".join(f"{k}: store has {short(have[k])}, asked {short(asked[k])}" for k in fields)
+
+
 def load_job_file(path: str | Path) -> dict:
     """Read a job spec (TOML) into a dict of fields; unknown fields are refused."""
     p = Path(path)

@@ -61,7 +61,25 @@ class ModulationSlot:
         return self.value
 
 
-def _modulated_modules(mmdit) -> list:
+@contextlib.contextmanager
+def slots_installed(modules: list, slots: list[ModulationSlot]) -> Iterator[None]:
+    """Each module's `_modulation_params` is its slot while the block runs; whatever was
+    there before comes back afterwards (the engine's units and phase 2's profiled forwards)."""
+    saved = [m.__dict__.get("_modulation_params") for m in modules]
+    for m, slot in zip(modules, slots, strict=True):
+        m._modulation_params = slot
+    try:
+        yield
+    finally:
+        for m, old, slot in zip(modules, saved, slots, strict=True):
+            slot.value = None
+            if old is None:
+                del m._modulation_params
+            else:
+                m._modulation_params = old
+
+
+def modulated_modules(mmdit) -> list:
     """The modules whose forward reads `_modulation_params`, in a fixed order."""
     mods = []
     for block in mmdit.multimodal_transformer_blocks:
@@ -73,9 +91,9 @@ def _modulated_modules(mmdit) -> list:
 
 
 def modulation_params(mmdit, cs_pooled: mx.array, timesteps: mx.array) -> list[list[mx.array]]:
-    """Per step, per module (in `_modulated_modules` order): the modulation parameters
+    """Per step, per module (in `modulated_modules` order): the modulation parameters
     (2, 1, 1, k*hidden), computed exactly as `MMDiT.cache_modulation_params` does, unevaluated."""
-    modules = _modulated_modules(mmdit)
+    modules = modulated_modules(mmdit)
     # each module's adaLN_modulation is Sequential(SiLU, Linear) on the same input: the SiLU is
     # computed once per step and shared (same function, same input, so the same numbers)
     silu = modules[0].adaLN_modulation.layers[0]
@@ -123,7 +141,7 @@ class Engine:
         # slots ignore the key, so one evaluated (1,) array serves every step, also under compile
         self._t_key = mx.array(timesteps[:1])
         mx.eval(self._sigma, self._t_key)
-        self._modules = _modulated_modules(model.mmdit)
+        self._modules = modulated_modules(model.mmdit)
         self._slots = [ModulationSlot() for _ in self._modules]
         self._prompt: int | None = None
         self._mods: list[list[mx.array]] = []
@@ -269,22 +287,10 @@ class Engine:
 
         return step
 
-    @contextlib.contextmanager
-    def _slots_installed(self) -> Iterator[None]:
+    def _slots_installed(self):
         """The slots stand in for the modules' modulation caches for a whole unit (installed
-        once, not per step), and whatever was there before comes back afterwards."""
-        saved = [m.__dict__.get("_modulation_params") for m in self._modules]
-        for m, slot in zip(self._modules, self._slots, strict=True):
-            m._modulation_params = slot
-        try:
-            yield
-        finally:
-            for m, old, slot in zip(self._modules, saved, self._slots, strict=True):
-                slot.value = None
-                if old is None:
-                    del m._modulation_params
-                else:
-                    m._modulation_params = old
+        once, not per step)."""
+        return slots_installed(self._modules, self._slots)
 
     def run_unit(
         self,

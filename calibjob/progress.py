@@ -108,11 +108,12 @@ class ShardProgress:
         return (self.ntraj * self.steps - self.done_steps) / r if r > 0 else None
 
     def step(self, n: int) -> None:
-        """n trajectory-steps computed."""
+        """n trajectory-steps computed (called once per Euler step: only the bar needs more)."""
         self.done_steps += n
-        self._progress.update(
-            self._task, advance=n, rate=f"{self.rate:.1f}", eta=fmt_eta(self.eta_s)
-        )
+        if self.bar:
+            self._progress.update(
+                self._task, advance=n, rate=f"{self.rate:.1f}", eta=fmt_eta(self.eta_s)
+            )
 
     def skip(self, trajectories: int) -> None:
         """A unit another worker took or finished meanwhile: it leaves the totals."""

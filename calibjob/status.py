@@ -84,11 +84,10 @@ def store_status(
     units = work_units(cfg.num_fid_samples, len(cfg.prompts), cfg.batch_size)
     done, bad_markers = store.read_markers()
     done_ks = np.flatnonzero(done).tolist()
-    damaged = sorted(set(bad_markers) | set(store.chunk_sizes_ok(done_ks)))
-    if verify:
-        damaged = sorted(
-            set(damaged) | {k for k in done_ks if k not in damaged and not store._chunk_ok(k)}
-        )
+    bad = set(bad_markers) | set(store.bad_chunk_sizes(done_ks))
+    if verify:  # the checksums of the chunks whose size was right
+        bad |= {k for k in done_ks if k not in bad and not store.chunk_ok(k)}
+    damaged = sorted(bad)
     cond = _conditioning_damage(store, verify) if store.encoded else None
     good = done.copy()
     good[damaged] = False

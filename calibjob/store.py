@@ -45,7 +45,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.sync import sync
 
 from calibjob import remote
-from calibjob.config import JobConfig, differing_fields, fingerprint
+from calibjob.config import JobConfig, describe_differences, differing_fields, fingerprint
 from calibjob.errors import ConfigError, StoreDamaged, StoreError
 
 FORMAT = "calibjob-store/1"
@@ -180,10 +180,8 @@ class Store:
                 store = cls.open(loc)
                 diff = differing_fields(store.config, config)
                 if diff:
-                    details = ", ".join(
-                        f"{k}: store has {_short(store.config.to_dict()[k])}, "
-                        f"asked {_short(config.to_dict()[k])}"
-                        for k in diff
+                    details = describe_differences(
+                        diff, store.config.to_dict(), config.to_dict()
                     )
                     raise StoreError(
                         f"{loc} holds a different job ({details}); to continue that job run "
@@ -248,6 +246,14 @@ class Store:
             return name in self.root
         except ValueError as e:
             raise StoreDamaged(self.location, f"{name}/zarr.json", type(e).__name__) from None
+
+    def _parses(self, name: str) -> bool:
+        """False when `name`'s zarr.json is there but does not parse (absent is fine)."""
+        try:
+            self.has(name)  # Zarr parses a node's metadata to answer `in`
+        except StoreDamaged:
+            return False
+        return True
 
     @property
     def encoded(self) -> bool:
@@ -377,13 +383,13 @@ class Store:
             return []
         done = self.node("done")
         for k in damaged:
-            ok = self._chunk_ok(k)
+            ok = self.chunk_ok(k)
             self._remove_key(f"done/c/{k}")
             done[k] = 1 if ok else 0
             self._fsync_tree(f"done/c/{k}", recurse=False)
         return damaged
 
-    def _chunk_ok(self, k: int) -> bool:
+    def chunk_ok(self, k: int) -> bool:
         try:
             return bool(np.isfinite(self.read_trajectory(k)).all())
         except Exception:  # noqa: BLE001
@@ -421,7 +427,7 @@ class Store:
         except Exception as e:  # noqa: BLE001  (crc32c mismatch, truncated chunk)
             raise StoreDamaged(self.location, key, _why(e)) from None
 
-    def chunk_sizes_ok(self, trajectories) -> list[int]:
+    def bad_chunk_sizes(self, trajectories) -> list[int]:
         """The cheap check: done trajectories whose chunk is missing or not its recorded size
         (every chunk of xs has one size: the raw latents plus a 4-byte crc32c)."""
         s, (h, w) = self.config.num_sampling_steps, self.config.latent_size
@@ -442,7 +448,7 @@ class Store:
         bad = []
         mask = self.done_mask()
         for k in trajectories:
-            if mask[k] and not self._chunk_ok(k):
+            if mask[k] and not self.chunk_ok(k):
                 bad.append(k)
         if bad:
             done = self.node("done")
@@ -489,23 +495,16 @@ class Store:
         metadata follows from the job config alone), and drop a damaged `encoded` flag (the
         conditioning is then checked and re-flagged or re-encoded). Returns what was mended."""
         mended = []
-        docs = _canonical_docs(self.config)
         for name in ("xs", "done", "progress"):
-            try:
-                self.has(name) and self.node(name)
-            except StoreDamaged:
-                _rewrite_meta(self.location, name, docs[name])
+            if not self._parses(name):
+                _rewrite_meta(self.location, name, _canonical_docs(self.config)[name])
                 mended.append(f"{name}/zarr.json")
         if self.has("progress"):
             for key in _child_group_keys(self, "progress"):
-                try:
-                    self.node(key)
-                except StoreDamaged:
+                if not self._parses(key):
                     self._remove_key(f"{key}/zarr.json")
                     mended.append(f"{key}/zarr.json")
-        try:
-            self.has("encoded")
-        except StoreDamaged:
+        if not self._parses("encoded"):
             self._remove_key("encoded/zarr.json")
             mended.append("encoded/zarr.json")
         self.root = zarr.open_group(self._target(self.location, "r+"), mode="r+")
@@ -583,7 +582,7 @@ def _why(e: BaseException) -> str:
 
 
 def _canonical_docs(config: JobConfig) -> dict[str, bytes]:
-    """The zarr.json bytes Zarr writes for the root, xs, done and progress of this job's store
+    """The zarr.json bytes Zarr writes for xs, done and progress of this job's store
     (built in memory with the same calls as `_ensure_arrays`)."""
     mem = zarr.storage.MemoryStore()
     root = zarr.open_group(mem, mode="w")
@@ -593,9 +592,7 @@ def _canonical_docs(config: JobConfig) -> dict[str, bytes]:
     def get(key: str) -> bytes:
         return sync(mem.get(key, prototype=default_buffer_prototype())).to_bytes()
 
-    docs = {name: get(f"{name}/zarr.json") for name in ("xs", "done", "progress")}
-    docs[""] = get("zarr.json")
-    return docs
+    return {name: get(f"{name}/zarr.json") for name in ("xs", "done", "progress")}
 
 
 def _group_doc() -> bytes:
@@ -640,11 +637,6 @@ def _remote_size(zstore, key: str) -> int:
 def _chunk_key(k: int) -> str:
     """Trajectory k's one chunk of xs (Zarr v3 default chunk keys, '/' separated)."""
     return f"xs/c/{k}/0/0/0/0"
-
-
-def _short(v) -> str:
-    s = json.dumps(v)
-    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def check_same_job(stores: list[Store]) -> None:

@@ -228,12 +228,13 @@ def run_shard(
         store.record_progress(str(sh), {"state": "running", "pid": os.getpid(),
                                         "host": socket.gethostname()})
     all_units = units_for(store.config)
-    todo, recomputed = [], []
+    pending: dict[int, Unit] = {}  # by index: shards of different counts may share units
+    recomputed = []
     for sh in my_shards:
-        t, r = pending_units(store, sh)
-        todo += [u for u in t if u.index not in {v.index for v in todo}]
-        recomputed += r
-    todo.sort(key=lambda u: u.index)
+        units, bad = pending_units(store, sh)
+        pending.update((u.index, u) for u in units)
+        recomputed += bad
+    todo = [pending[i] for i in sorted(pending)]
     if recomputed:
         err.print(
             f"calibjob: trajectories {fmt_ranges(recomputed)} failed verification; recomputing",
@@ -272,15 +273,15 @@ def run_shard(
     n_traj = sum(len(u.trajectories) for u in todo)
     steps = cfg.num_sampling_steps
     prog = ShardProgress(shard_name, n_traj, steps, show_progress, err)
-    durable = {"units": 0, "traj": 0}
+    written = 0
 
     def after_write(unit: Unit) -> None:
+        nonlocal written
         claims.release(unit.index)
-        durable["units"] += 1
-        durable["traj"] += len(unit.trajectories)
+        written += 1
         info = {
             "traj_steps_per_s": prog.rate,
-            "units_left": len(todo) - durable["units"],
+            "units_left": len(todo) - written,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "state": "running",
@@ -343,8 +344,9 @@ class Interrupted(KeyboardInterrupt):
 
 def _finish_records(store: Store, shards: list[Shard], state: str) -> None:
     """The shards' last progress word: finished, interrupted, or running elsewhere."""
+    records = store.progress()
     for sh in shards:
-        info = store.progress().get(str(sh), {})
+        info = records.get(str(sh), {})
         info = {k: v for k, v in info.items() if k not in ("shard", "updated", "damaged")}
         store.record_progress(str(sh), {**info, "state": state})
 

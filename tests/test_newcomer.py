@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from conftest import ROOT, assert_same_npz, cli, popen
 from test_job import done_count, flags, merge, tree_digest
@@ -260,4 +259,4 @@ def test_a_log_file_shows_progress_lines(prompt_file, tmp_path):
     for ln in lines:
         assert "traj-steps/s" in ln and "ETA" in ln and "peak memory" in ln and "GB" in ln
     assert "\r" not in text and "━" not in text and "█" not in text
-    assert np.all([Store.open(tmp_path / "log.zarr", mode="r").done_mask()])
+    assert Store.open(tmp_path / "log.zarr", mode="r").done_mask().all()

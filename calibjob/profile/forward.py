@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from calibjob.device import mx  # mlx.core, after the OpenBLAS preload
-from calibjob.engine import ModulationSlot, _modulated_modules, modulation_params
+from calibjob.engine import ModulationSlot, modulated_modules, modulation_params, slots_installed
 from calibjob.profile import taps as taps_mod
 from calibjob.profile.plan import ProfileUnit
 from calibjob.profile.store import UnitStats
@@ -44,7 +44,7 @@ class Profiler:
         red = {"float64": mx.float64, "float32": mx.float32}[reduce_dtype]
         self.recorder = taps_mod.Recorder(self.specs, red, bins, limit)
         self.compile = compile
-        self._modules = _modulated_modules(self.mmdit)
+        self._modules = modulated_modules(self.mmdit)
         self._slots = [ModulationSlot() for _ in self._modules]
         self._fns: dict[int, Callable] = {}
         self._cond: dict[int, mx.array] = {}
@@ -88,19 +88,11 @@ class Profiler:
     @contextlib.contextmanager
     def _installed(self) -> Iterator[None]:
         """Slots in for the modules' modulation caches, taps in for the linear layers."""
-        saved = [m.__dict__.get("_modulation_params") for m in self._modules]
-        for m, slot in zip(self._modules, self._slots, strict=True):
-            m._modulation_params = slot
-        try:
-            with taps_mod.installed(self.mmdit, self.recorder):
-                yield
-        finally:
-            for m, old, slot in zip(self._modules, saved, self._slots, strict=True):
-                slot.value = None
-                if old is None:
-                    del m._modulation_params
-                else:
-                    m._modulation_params = old
+        with (
+            slots_installed(self._modules, self._slots),
+            taps_mod.installed(self.mmdit, self.recorder),
+        ):
+            yield
 
     # ---- a unit --------------------------------------------------------------------------
 
@@ -145,10 +137,7 @@ class Profiler:
         mmdit, act, slots = self.mmdit, self.act, self._slots
         t_key = mx.array([0.0])
         mods: dict[int, list[mx.array]] = {}
-        saved = [m.__dict__.get("_modulation_params") for m in self._modules]
-        for m, slot in zip(self._modules, slots, strict=True):
-            m._modulation_params = slot
-        try:
+        with slots_installed(self._modules, slots):
             pending = None
             for batch in unit.batches:
                 p, b = batch.prompt, len(batch.points)
@@ -170,13 +159,6 @@ class Profiler:
                 pending = out
             if pending is not None:
                 mx.eval(pending)
-        finally:
-            for m, old, slot in zip(self._modules, saved, slots, strict=True):
-                slot.value = None
-                if old is None:
-                    del m._modulation_params
-                else:
-                    m._modulation_params = old
 
 
 class _Accumulator:

@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
+from calibjob.config import describe_differences
 from calibjob.errors import StoreError
 from calibjob.profile.plan import ProfileJob, differing_fields, fingerprint
 from calibjob.store import JOB_KEY, Store, _fsync_path, package_versions
@@ -107,10 +108,7 @@ class ProfileStore:
                 store = cls.open(p)
                 diff = differing_fields(store.job, job)
                 if diff:
-                    details = ", ".join(
-                        f"{k}: store has {store.job.to_dict()[k]!r}, asked {job.to_dict()[k]!r}"
-                        for k in diff
-                    )
+                    details = describe_differences(diff, store.job.to_dict(), job.to_dict())
                     raise StoreError(f"{p} holds another profile job ({details})")
                 if store.meta["taps"] != taps:
                     raise StoreError(
