@@ -189,8 +189,8 @@ OutputOpt = Annotated[
         "-o",
         "--output",
         metavar="FILE",
-        help="When the job is complete, merge it to this .npz (as `calibjob merge`); with "
-        "several shards the worker that completes the job merges, once.",
+        help="When the job is complete, merge it to this .npz (as `calibjob merge`), once: "
+        "the worker that completes the job merges (with launch: the launcher, after --wait).",
         show_default=False,
     ),
 ]
