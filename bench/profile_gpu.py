@@ -77,6 +77,60 @@ def synthetic_set(path: Path, model, points: int, tokens: int, dim: int, pooled:
     )
 
 
+def kernel_check() -> dict:
+    """The CUDA statistics kernel against the MLX-ops path and float64 numpy, on values at and
+    next to every bin edge, +-8, inf, NaN, and on fp16 activations of the SD3-2b tap shapes:
+    histograms, counts, min and max must be equal; sums are reported as relative errors."""
+    from calibjob.profile import kernel, taps
+
+    if not kernel.available():
+        return {"kernel": "not available (no CUDA device): MLX-ops path"}
+    out: dict = {"kernel": "cuda"}
+    rng = np.random.default_rng(0)
+    edges = np.linspace(-8, 8, 513).astype(np.float32)
+    special = np.array([-1e-30, 1e-30, 0.0, -0.0, 9.0, -9.0, 1e4, -1e4, np.inf, -np.inf, np.nan])
+    vals = np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)),
+                           np.nextafter(edges, np.float32(np.inf)), special,
+                           rng.standard_normal(4000).astype(np.float32) * 4])
+    cases = [("edges f32", vals[: len(vals) // 64 * 64].reshape(-1, 64).astype(np.float32)),
+             ("edges f16", vals[: len(vals) // 64 * 64].reshape(-1, 64).astype(np.float16))]
+    for rows, c in [(26 * 256, 1536), (26 * 589, 6144), (2 * 589, 1536), (333, 100)]:
+        a = rng.standard_normal((rows, c)).astype(np.float32)
+        a *= rng.uniform(0.1, 6, c).astype(np.float32)  # channels of different ranges
+        cases.append((f"{rows}x{c} f16", a.astype(np.float16)))
+    ok = True
+    for name, a in cases:
+        x = mx.array(a)
+        got = [np.array(v) for v in kernel.tap_stats(x, 512, 8.0)]
+        taps.USE_KERNEL = False
+        ref = [np.array(v) for v in taps.batch_stats(x, mx.float32, 512, 8.0)]
+        taps.USE_KERNEL = True
+        a64 = a.astype(np.float64)
+        fin = ~np.isnan(a64).any(axis=0) & np.isfinite(a64).all(axis=0)
+        exact = (np.array_equal(got[4], ref[4]) and int(got[5]) == int(ref[5])
+                 and np.array_equal(got[2][fin], ref[2][fin])
+                 and np.array_equal(got[3][fin], ref[3][fin]))
+        truth, scale = a64[:, fin].sum(axis=0), np.abs(a64[:, fin]).sum(axis=0)
+
+        def rel_err(s, truth=truth, scale=scale, fin=fin):
+            return float(np.max(np.abs(s[fin] - truth) / scale)) if fin.any() else 0.0
+
+        rel, rel_ref = rel_err(got[0]), rel_err(ref[0])
+        out[name] = {"exact": exact, "sum_rel_err": rel, "ops_sum_rel_err": rel_ref}
+        ok &= exact
+        print(f"kernel check {name}: hist/min/max/rows equal {exact}; sum rel. err "
+              f"{rel:.2e} (MLX ops {rel_ref:.2e})", flush=True)
+    # under mx.compile too
+    f = mx.compile(lambda x: kernel.tap_stats(x, 512, 8.0))
+    x = mx.array(cases[2][1])
+    same = all(np.array_equal(np.array(u), np.array(v))
+               for u, v in zip(f(x), kernel.tap_stats(x, 512, 8.0), strict=True))
+    out["compiled_equal"] = same
+    out["all_exact"] = bool(ok and same)
+    print(f"kernel check: compiled equal {same}; all exact {out['all_exact']}", flush=True)
+    return out
+
+
 def weights_bytes(mmdit) -> int:
     from mlx.utils import tree_flatten
 
@@ -93,11 +147,17 @@ def main() -> None:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--reduce-dtype", choices=["auto", "float32", "float64"], default="auto")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--check-only", action="store_true", help="the kernel check alone")
     args = ap.parse_args()
     con = Console(width=110)
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "env": common.env_note(),
                  "model": args.model, "points": args.points}
 
+    res["kernel_check"] = kernel_check()
+    if args.check_only:
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+        return
     from calibjob.profile.forward import Profiler
     from calibjob.profile.store import ProfileStore
     from calibjob.profile.worker import plan, profile_shard, read_set, resolve_job

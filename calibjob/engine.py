@@ -108,6 +108,37 @@ def modulation_params(mmdit, cs_pooled: mx.array, timesteps: mx.array) -> list[l
     return out
 
 
+def joint_pieces(mmdit, act: mx.Dtype, slots: list[ModulationSlot], batch: int):
+    """DiffusionKit's MMDiT forward (SD3: joint blocks only, no RoPE) taken apart, for a CFG
+    batch of `batch` trajectories: `head(x, cond) -> (x_in, h, c)` (x (B,H,W,C), cond the
+    (2B, L, 1, D) conditioning; x_in the doubled input in `act`) and one function per joint
+    block, `(h, c, m_img, m_txt) -> (h, c)`, that hands the block its modulation parameters
+    through its slots (`slots` in `modulated_modules` order). The same ops in the same order
+    as `MMDiT.__call__`, so the same numbers; plain functions, for the caller to compile."""
+    t_key = mx.array([0.0])  # the slots ignore the key; MMDiT only calls .item() on it
+    mx.eval(t_key)
+    rep = (lambda m: m) if batch == 1 else (lambda m: mx.repeat(m, batch, axis=0))
+
+    def block_fn(i: int):
+        block, s_img, s_txt = mmdit.multimodal_transformer_blocks[i], slots[2 * i], slots[2 * i + 1]
+
+        def f(h, c, m_img, m_txt):
+            s_img.value, s_txt.value = rep(m_img), rep(m_txt)
+            h, c = block(h, c, t_key, positional_encodings=None)
+            s_img.value = s_txt.value = None
+            return h, c
+
+        return f
+
+    def head(x, cond):
+        x_in = mx.concatenate([x, x], axis=0).astype(act)
+        c = mmdit.context_embedder(cond)
+        h = mmdit.x_embedder(x_in) + mmdit.x_pos_embedder(x_in)
+        return x_in, h.reshape(x_in.shape[0], -1, 1, mmdit.config.hidden_size), c
+
+    return head, [block_fn(i) for i in range(len(mmdit.multimodal_transformer_blocks))]
+
+
 class Engine:
     """Runs work units of one job on one loaded model."""
 
@@ -230,26 +261,9 @@ class Engine:
 
         mmdit, sampler = self.model.mmdit, self.model.sampler
         act, cfg, t_key, k = self.model.activation_dtype, self.cfg_scale, self._t_key, self.segment
-        blocks = list(mmdit.multimodal_transformer_blocks)
         slots = self._slots  # order: (img, txt) per block, then the final layer
         rep = (lambda m: m) if batch == 1 else (lambda m: mx.repeat(m, batch, axis=0))
-
-        def block_fn(i: int):
-            block, s_img, s_txt = blocks[i], slots[2 * i], slots[2 * i + 1]
-
-            def f(h, c, m_img, m_txt):
-                s_img.value, s_txt.value = rep(m_img), rep(m_txt)
-                h, c = block(h, c, t_key, positional_encodings=None)
-                s_img.value = s_txt.value = None
-                return h, c
-
-            return mx.compile(f) if self.compile else f
-
-        def head(x, cond):
-            x_in = mx.concatenate([x, x], axis=0).astype(act)
-            c = mmdit.context_embedder(cond)
-            h = mmdit.x_embedder(x_in) + mmdit.x_pos_embedder(x_in)
-            return x_in, h.reshape(x_in.shape[0], -1, 1, mmdit.config.hidden_size), c
+        head, blocks = joint_pieces(mmdit, act, slots, batch)
 
         def tail(x, x_in, h, sigma, sigma_next, m_final):
             slots[-1].value = rep(m_final)
@@ -269,7 +283,7 @@ class Engine:
             d = (x - denoised) / sigma
             return x + d * (sigma_next - sigma)
 
-        fns = [block_fn(i) for i in range(len(blocks))]
+        fns = [mx.compile(f) if self.compile else f for f in blocks]
         head_fn = mx.compile(head) if self.compile else head
         tail_fn = mx.compile(tail) if self.compile else tail
 

@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from calibjob.device import mx  # mlx.core, after the OpenBLAS preload
-from calibjob.engine import ModulationSlot, modulated_modules, modulation_params, slots_installed
+from calibjob.engine import (
+    SEGMENT_BLOCKS,
+    ModulationSlot,
+    joint_pieces,
+    modulated_modules,
+    modulation_params,
+    slots_installed,
+)
 from calibjob.profile import taps as taps_mod
 from calibjob.profile.plan import ProfileUnit
 from calibjob.profile.store import UnitStats
@@ -53,8 +60,13 @@ class Profiler:
 
     def _fn(self, batch: int) -> Callable:
         """(x (B,H,W,16), cond (2,L,D), mods) -> the batch's statistics; one per batch size."""
-        if batch in self._fns:
-            return self._fns[batch]
+        if batch not in self._fns:
+            joint_only = not getattr(self.mmdit.config, "depth_unified", 0)
+            self._fns[batch] = self._segmented(batch) if joint_only else self._whole(batch)
+        return self._fns[batch]
+
+    def _whole(self, batch: int) -> Callable:
+        """The MMDiT's own forward as one graph (models with unified blocks)."""
         mmdit, act, slots, recorder = self.mmdit, self.act, self._slots, self.recorder
         t_key = mx.array([0.0])  # the slots ignore the key; MMDiT only calls .item() on it
         mx.eval(t_key)
@@ -71,9 +83,50 @@ class Profiler:
                 slot.value = None
             return out
 
-        fn = mx.compile(forward) if self.compile else forward
-        self._fns[batch] = fn
-        return fn
+        return mx.compile(forward) if self.compile else forward
+
+    def _segmented(self, batch: int) -> Callable:
+        """The forward taken apart at its joint blocks, as the engine's segmented step
+        (`engine.joint_pieces`): each block a (compiled) function that returns its taps'
+        statistics, the host at most one segment ahead of the device. A whole forward queued
+        at once kept every block's activations alive until the device caught up (53 GB at
+        batch 13 on an H100). The final layer is never computed: no tap follows the last
+        block."""
+        head, blocks = joint_pieces(self.mmdit, self.act, self._slots, batch)
+        recorder, k = self.recorder, max(1, SEGMENT_BLOCKS)
+        names = [(f"mm_{i:02d}_img", f"mm_{i:02d}_txt") for i in range(len(blocks))]
+        taps_of = [[j for j, s in enumerate(self.specs) if s.layer in n] for n in names]
+        # the blocks' statistics, joined in block order, are all taps' in spec order
+        assert [j for idx in taps_of for j in idx] == list(range(len(self.specs)))
+
+        def with_stats(block, idx, last):
+            def f(h, c, m_img, m_txt):
+                recorder.start()
+                h, c = block(h, c, m_img, m_txt)
+                stats = recorder.finish(idx)
+                return stats if last else (h, c, *stats)
+
+            return mx.compile(f) if self.compile else f
+
+        fns = [with_stats(b, taps_of[i], i == len(blocks) - 1) for i, b in enumerate(blocks)]
+
+        def forward(x, cond, mods):
+            _, h, c = head(x, mx.expand_dims(mx.repeat(cond, batch, axis=0), 2))
+            parts, queued = [], None
+            for i, f in enumerate(fns):
+                if i == len(fns) - 1:
+                    parts.append(f(h, c, mods[2 * i], mods[2 * i + 1]))
+                    break
+                h, c, *stats = f(h, c, mods[2 * i], mods[2 * i + 1])
+                parts.append(tuple(stats))
+                if (i + 1) % k == 0:
+                    mx.async_eval(h, c, parts)
+                    if queued is not None:
+                        mx.eval(queued)  # the device finished the segment before this one
+                    queued = h
+            return taps_mod.concat_stats(parts)
+
+        return forward
 
     def _conditioning(self, cs: np.ndarray, prompt: int) -> mx.array:
         """A prompt's (2, L, D) conditioning on the device (all prompts kept if they fit)."""

@@ -21,18 +21,21 @@ forward computes exactly what it computes without taps.
 
 Per batch and tap, `batch_stats` reduces the input (all rows, tokens and both CFG halves) to
 per-channel sum, sum of squares, min and max and one histogram, on the device: only these
-small arrays ever reach the host.
+small arrays ever reach the host. On a CUDA device one kernel does it in one pass
+(`profile/kernel.py`); elsewhere (CPU, Metal) MLX ops do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.nn as nn
 
 from calibjob.device import mx  # mlx.core, after the OpenBLAS preload
+from calibjob.profile import kernel
 from calibjob.profile.plan import INPUTS
 
 # where each input is captured: (attribute path under the TransformerBlock, layer attribute)
@@ -44,6 +47,9 @@ EXTRA_SLOTS = 3
 # and atomic adds to one counter serialize; on CPU the adds are sequential anyway (counts are
 # integers: exact either way). Not yet measured on a GPU.
 HIST_COPIES = 64 if mx.default_device() == mx.gpu else 1
+# the one-pass CUDA kernel where it runs; CALIBJOB_STATS_KERNEL=0 takes the MLX-ops path (the
+# GPU benchmark's comparison)
+USE_KERNEL = kernel.available() and os.environ.get("CALIBJOB_STATS_KERNEL", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -137,22 +143,31 @@ class Recorder:
             return  # a forward outside profiling
         self._stats[index] = batch_stats(x, self.reduce_dtype, self.bins, self.limit)
 
-    def finish(self) -> tuple[mx.array, ...]:
-        """(sum, sumsq, min, max) each (C_total,) over all taps in order, hist (taps, slots),
-        rows (taps,) int32: what one batch contributes."""
+    def finish(self, indices: list[int] | None = None) -> tuple[mx.array, ...]:
+        """(sum, sumsq, min, max) each (C,) over the taps `indices` (default: all) in order,
+        hist (taps, slots), rows (taps,) int32: what one batch (or one block of it)
+        contributes. Ends the recording."""
         stats, self._stats = self._stats, None
-        missing = [self.specs[i].key for i, s in enumerate(stats or []) if s is None]
+        indices = range(len(self.specs)) if indices is None else indices
+        missing = [self.specs[i].key for i in indices if stats is None or stats[i] is None]
         if stats is None or missing:
             raise RuntimeError(f"taps not reached in the forward: {', '.join(missing)}")
-        cols = list(zip(*stats, strict=True))
-        return (
-            mx.concatenate(cols[0]),
-            mx.concatenate(cols[1]),
-            mx.concatenate(cols[2]),
-            mx.concatenate(cols[3]),
-            mx.stack(cols[4]),
-            mx.stack(cols[5]),
-        )
+        return concat_stats([stats[i] for i in indices])
+
+
+def concat_stats(parts: list[tuple]) -> tuple[mx.array, ...]:
+    """Per-tap statistics joined in order: vectors concatenated, histograms and rows stacked
+    (parts may also be such joins of consecutive taps)."""
+    cols = list(zip(*parts, strict=True))
+    stack = mx.stack if cols[5][0].ndim == 0 else mx.concatenate
+    return (
+        mx.concatenate(cols[0]),
+        mx.concatenate(cols[1]),
+        mx.concatenate(cols[2]),
+        mx.concatenate(cols[3]),
+        stack(cols[4]),
+        stack(cols[5]),
+    )
 
 
 def histogram_slots(x: mx.array, bins: int, limit: float) -> mx.array:
@@ -177,6 +192,8 @@ def batch_stats(x: mx.array, reduce_dtype: mx.Dtype, bins: int, limit: float) ->
     c = x.shape[-1]
     rows = x.size // c
     flat = x.reshape(rows, c)
+    if USE_KERNEL and reduce_dtype == mx.float32:
+        return kernel.tap_stats(flat, bins, limit)
     # two levels (tokens of each CFG row, then rows): in float32 the rounding error grows with
     # the longest run summed, here max(tokens, rows) rather than their product
     xr = x.reshape(x.shape[0], -1, c).astype(reduce_dtype)
