@@ -76,12 +76,9 @@ def run_model(name, model_flag, job_flags, cache, work, env, log, res, extra_run
     }
     st, _ = sh(calibjob("status", store), env, log)
     res[name]["status"] = st.stdout.strip()[-1500:]
-    cfg = (
-        json.loads((store / "zarr.json").read_text()).get("attributes", {})
-        if (store / "zarr.json").exists()
-        else {}
-    )
-    res[name]["store_attrs_keys"] = list(cfg)[:20]
+    meta = store / "job" / "zarr.json"
+    job = json.loads(meta.read_text())["attributes"]["calibjob"] if meta.exists() else {}
+    res[name]["batch_size"] = job.get("config", {}).get("batch_size")
     m, merge_s = sh(calibjob("merge", store, "-o", npz, "--force"), env, log)
     res[name]["merge_s"], res[name]["merge_rc"] = merge_s, m.returncode
     i, _ = sh(calibjob("inspect", npz), env, log)
@@ -103,6 +100,8 @@ def main() -> None:
     ap.add_argument("--part", choices=["medium", "maxmem", "large", "all"], default="all")
     ap.add_argument("--json", type=Path, default=Path("e2e.json"))
     ap.add_argument("--large-trajectories", type=int, default=26)
+    ap.add_argument("--max-memory", type=float, default=0.0,
+                    help="also pass --max-memory GB to the medium run (0: the GPU defaults)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     res = json.loads(args.json.read_text()) if args.json.exists() else {}
@@ -119,7 +118,9 @@ def main() -> None:
     if args.part in ("medium", "all"):
         fx = write_fixture(args.cache, "sd3-medium", env, log)
         res["fixture_medium_s"] = fx
-        store = run_model("medium", "sd3-medium", paper, args.cache, args.work, env, log, res)
+        cap = ["--max-memory", str(args.max_memory)] if args.max_memory else []
+        store = run_model("medium", "sd3-medium", [*paper, *cap], args.cache, args.work, env,
+                          log, res)
         p, prev_s = sh(
             calibjob("preview", store, "-o", args.work / "medium.png", "--n", "8"), env, log
         )

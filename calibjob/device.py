@@ -91,9 +91,9 @@ MMDIT_PARAMS = {
     "argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized": (8.146e9 / 4, 2432),
 }
 REF_TOKENS, REF_WIDTH = 256 + 589, 1536
-# per trajectory at REF_TOKENS x REF_WIDTH, fp16, segmented step (the worst of batches 4-26 on
-# an H100, bench/memory.py: 0.50 eager, 0.58 compiled at batch 13)
-TRAJECTORY_GB = {"off": 0.50, "on": 0.58}
+# per trajectory at REF_TOKENS x REF_WIDTH, fp16, the step in 1-block segments (the worst of
+# batches 4-26 on an H200, bench/memory.py: 0.335 eager and 0.335 compiled, both at batch 13)
+TRAJECTORY_GB = {"off": 0.34, "on": 0.34}
 if os.environ.get("CALIBJOB_TRAJECTORY_GB"):  # "off:GB,on:GB", a benchmark's fresh figures
     TRAJECTORY_GB.update(
         {

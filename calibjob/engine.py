@@ -41,9 +41,10 @@ from calibjob.selection import initial_noise
 EMPTY_LATENT = 0.0609  # DiffusionPipeline.get_empty_latent's fill (SD3's latent shift)
 # Blocks per segment of the segmented step (0 = one graph per step). CALIBJOB_SEGMENT overrides
 # it (the memory benchmark's variants).
-# Measured on an H100 (SD3-2b shapes, fp16, batch 13, compiled): segment 2 cut the peak from
-# 17.9 to 11.7 GB at 6.71 against 6.94 ms per trajectory-step (bench/memory.py).
-SEGMENT_BLOCKS = int(os.environ.get("CALIBJOB_SEGMENT", "2"))
+# Measured on an H200 (SD3-2b shapes, fp16, batch 13, compiled; bench/memory.py --segments
+# 0,1,2): one graph per step peaks at 17.9 GB (6.53 ms per trajectory-step), segments of 2
+# blocks at 12.5 GB (6.39 ms), of 1 block at 8.5 GB (6.32 ms): the least memory and no slower.
+SEGMENT_BLOCKS = int(os.environ.get("CALIBJOB_SEGMENT", "1"))
 
 
 class ModulationSlot:

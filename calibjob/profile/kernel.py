@@ -30,12 +30,14 @@ _SOURCE = """
     constexpr int WARPS = THREADS / 32;
     __shared__ int counts[WARPS * NSLOTS];
     const int tid = threadIdx.x;
-    for (int i = tid; i < WARPS * NSLOTS; i += THREADS) counts[i] = 0;
+    const int nthreads = blockDim.x;  // MLX may launch fewer than THREADS for a small grid
+    const int nwarps = (nthreads + 31) / 32;
+    for (int i = tid; i < WARPS * NSLOTS; i += nthreads) counts[i] = 0;
     __syncthreads();
 
     const int rows = x_shape[0];
     const int C = x_shape[1];
-    const int c = blockIdx.x * THREADS + tid;
+    const int c = blockIdx.x * nthreads + tid;
     const int g = blockIdx.y;
     const float limit = params[0];
     const float scale = params[1];
@@ -43,7 +45,8 @@ _SOURCE = """
     if (c < C) {
         const int r0 = g * RPG;
         const int r1 = min(r0 + RPG, rows);
-        float s = 0.0f, ss = 0.0f, lo = inf, hi = -inf;
+        const float INF = __int_as_float(0x7f800000);
+        float s = 0.0f, ss = 0.0f, lo = INF, hi = -INF;
         for (int r = r0; r < r1; ++r) {
             const float v = static_cast<float>(x[(size_t)r * C + c]);
             s += v;
@@ -69,9 +72,9 @@ _SOURCE = """
         pmax[o] = hi;
     }
     __syncthreads();
-    for (int i = tid; i < NSLOTS; i += THREADS) {
+    for (int i = tid; i < NSLOTS; i += nthreads) {
         int n = 0;
-        for (int w = 0; w < WARPS; ++w) n += counts[w * NSLOTS + i];
+        for (int w = 0; w < nwarps; ++w) n += counts[w * NSLOTS + i];
         if (n) atomicAdd(hist + i, n);
     }
 """
