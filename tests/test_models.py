@@ -84,3 +84,33 @@ def test_sd3_without_weights_is_one_clear_error(tmp_path):
 
     st = Store.open(store, mode="r")
     assert not st.encoded and not st.done_mask().any()
+
+
+@pytest.mark.parametrize("ff", ["gated-gelu", "relu"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_safe_t5_stack_equals_diffusionkits_layers_called_whole(ff, dtype):
+    """The encode phase's T5 is evaluated after the attention and after each MLP matmul (its
+    memory peak); the result must be DiffusionKit's own layers called whole, to the bit. In
+    float16 the residual stream is float32 and every MLP matmul casts its weight (the real
+    SD3 case)."""
+    import mlx.core as mx
+    from diffusionkit.mlx.t5 import SD3T5Encoder
+
+    from calibjob.models.text import make_t5_safe
+
+    dt = getattr(mx, dtype)
+    cfg = tiny.t5_config()
+    cfg.feed_forward_proj = ff
+    mx.random.seed(7)
+    t5 = SD3T5Encoder(cfg, low_memory_mode=False)
+    t5.set_dtype(dt)
+    ids = mx.array(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 13)))
+    x = t5.wte(ids)
+    bias = t5.encoder.relative_attention_bias(13, 13)
+    ref = x
+    for layer in t5.encoder.layers:
+        ref = layer(ref, mask=bias)
+    ref = t5.encoder.ln(ref).astype(x.dtype)
+    got = make_t5_safe(t5)(ids)
+    assert got.dtype == dt
+    assert np.array_equal(np.array(got.astype(mx.float32)), np.array(ref.astype(mx.float32)))
