@@ -101,6 +101,10 @@ if os.environ.get("CALIBJOB_TRAJECTORY_GB"):  # "off:GB,on:GB", a benchmark's fr
             for k, v in (p.split(":") for p in os.environ["CALIBJOB_TRAJECTORY_GB"].split(","))
         }
     )
+# the encode phase of DiffusionKit's SD3 text encoders (CLIP-L, CLIP-G, T5-XXL; the same for every
+# SD3 key), float16: 11.16 GB of weights and 11.89 GB at its peak (H200, bench/hub_e2e.py). The
+# encoders load alone, so this bounds a run whatever the batch.
+ENCODE_GB = 11.9
 RESERVE_GB = 1.0  # conditioning, the step's inputs, MLX's kernels and allocator slack
 MAX_GPU_BATCH = 32  # throughput flattens past 16-32 on an H100
 
@@ -163,6 +167,24 @@ def weights_gb(model: str, dtype: str) -> float:
     """The MMDiT's weights in memory (the tiny model: none worth counting)."""
     params, _ = MMDIT_PARAMS.get(model, (0.0, REF_WIDTH))
     return params * dtype_bytes(dtype) / 1e9
+
+
+def encode_gb(model: str, dtype: str) -> float:
+    """Peak memory of the encode phase (the tiny model: none worth counting)."""
+    return ENCODE_GB * dtype_bytes(dtype) / 2 if model in MMDIT_PARAMS else 0.0
+
+
+def note_encode_over(model: str, dtype: str, max_memory: float) -> None:
+    """Say once, before the run, that --max-memory cannot hold the encode phase: it steers only
+    the batch, and the text encoders need what they need."""
+    need = encode_gb(model, dtype)
+    if 0 < max_memory < need:
+        print(
+            f"calibjob: note: encoding the prompts needs about {need:.1f} GB (the text "
+            f"encoders, loaded alone), more than --max-memory {max_memory:g}; the cap steers "
+            f"only the denoising batch",
+            file=sys.stderr,
+        )
 
 
 def trajectory_gb(

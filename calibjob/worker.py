@@ -59,8 +59,10 @@ def resolve_config(
         )
     cfg.validate()
     check_local_ckpt(cfg.local_ckpt)
+    existing = None
     if store_path is not None and Store.exists(store_path):
-        cfg = cfg.with_choices_of(Store.open(store_path, mode="r").config)
+        existing = Store.open(store_path, mode="r")
+        cfg = cfg.with_choices_of(existing.config)
     if "auto" in (cfg.dtype, cfg.compile) or cfg.batch_size == 0:
         from calibjob import device
 
@@ -80,6 +82,10 @@ def resolve_config(
                 share=share,
             )
         )
+    if cfg.max_memory > 0 and not (existing is not None and existing.encoded):
+        from calibjob import device
+
+        device.note_encode_over(cfg.model_version, cfg.dtype, cfg.max_memory)
     return cfg
 
 

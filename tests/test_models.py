@@ -114,3 +114,18 @@ def test_safe_t5_stack_equals_diffusionkits_layers_called_whole(ff, dtype):
     got = make_t5_safe(t5)(ids)
     assert got.dtype == dt
     assert np.array_equal(np.array(got.astype(mx.float32)), np.array(ref.astype(mx.float32)))
+
+
+def test_a_max_memory_below_the_encode_phase_is_noted(tmp_path):
+    """--max-memory steers only the batch: a cap the text encoders alone exceed gets one note
+    before the run (here it then stops at the missing weights, as without the cap)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ["run", "--job", "jobs/dry-run.toml", "--dtype", "float16", "--batch-size", "1"]
+    low = cli(*args, "--store", str(tmp_path / "a.zarr"), "--max-memory", "10", check=False,
+              env=env)
+    notes = [ln for ln in low.stderr.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "about 11.9 GB" in notes[0] and "--max-memory 10" in notes[0]
+    assert low.stderr.strip().splitlines()[-1].startswith("calibjob: error: cannot load")
+    high = cli(*args, "--store", str(tmp_path / "b.zarr"), "--max-memory", "12", check=False,
+               env=env)
+    assert "note:" not in high.stderr and high.returncode == 2

@@ -45,7 +45,8 @@ _SITES = {"qkv_in": ("attn", "q_proj"), "o_in": ("attn", "o_proj"), "fc1_in": ("
 EXTRA_SLOTS = 3
 # copies of the histogram the scatter-add spreads over: on a GPU most values fall in a few bins,
 # and atomic adds to one counter serialize; on CPU the adds are sequential anyway (counts are
-# integers: exact either way). Not yet measured on a GPU.
+# integers: exact either way). On CUDA the one-pass kernel replaces this path (the ops path,
+# copies and all, cost 5.5x the forward on an H100; the kernel 0.07x on an H200).
 HIST_COPIES = 64 if mx.default_device() == mx.gpu else 1
 # the one-pass CUDA kernel where it runs; CALIBJOB_STATS_KERNEL=0 takes the MLX-ops path (the
 # GPU benchmark's comparison)
