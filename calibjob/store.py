@@ -31,6 +31,7 @@ import contextlib
 import errno
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -513,17 +514,18 @@ class Store:
     # ---- progress (one small group per shard) ---------------------------------------------
 
     def record_progress(self, shard: str, info: dict) -> None:
-        """One shard's progress record (display only: it never stops a job)."""
+        """One shard's progress record (display only: it never stops a job).
+
+        Replaced whole in one atomic write (a renamed temporary file, or one PUT), never
+        deleted and created again: a kill between the two would leave the shard with no record,
+        and status would then take a store with missing trajectories for one whose shards are
+        all elsewhere."""
         name = f"progress/{shard.replace('/', '-of-')}"
         attrs = {**info, "shard": shard, "updated": time.time()}
-        try:
-            self.root.create_group(name, attributes=attrs, overwrite=True)
-        except OSError:
-            raise
-        except Exception:  # noqa: BLE001  (a damaged progress group: rewrite it once)
+        if not self._parses("progress"):  # a damaged progress group: rewrite it first
             _rewrite_meta(self.location, "progress", _canonical_docs(self.config)["progress"])
-            with contextlib.suppress(Exception):
-                self.root.create_group(name, attributes=attrs, overwrite=True)
+        doc = {"attributes": attrs, "zarr_format": 3, "node_type": "group"}
+        _rewrite_meta(self.location, name, json.dumps(doc).encode())
 
     def progress(self) -> dict[str, dict]:
         """shard -> its last progress record; a damaged record reads as {'damaged': True}, a
@@ -600,12 +602,12 @@ def _group_doc() -> bytes:
 
 
 def _rewrite_meta(location: str, name: str, doc: bytes) -> None:
-    """Replace one zarr.json (atomically: a temporary file renamed, or one PUT)."""
+    """Write or replace one zarr.json (atomically: a temporary file renamed, or one PUT)."""
     key = f"{name}/zarr.json" if name else "zarr.json"
     if not remote.is_url(location):
         p = Path(location) / key
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".zarr.json.{os.getpid()}.repair")
+        tmp = p.with_name(f".zarr.json.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(doc)
         _fsync_path(tmp)
         os.replace(tmp, p)

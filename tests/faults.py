@@ -9,6 +9,7 @@
 --fail-when F    with --load-fails: raise only once file F exists (the test picks the moment)
 --slow-link S    merge's final link/rename of its output waits S seconds first
 --log-units F    append 'pid trajectories' to F each time the engine finishes computing a unit
+--slow-rmtree S  a folder removed under a store's progress/ waits S seconds after its removal
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def install(a: argparse.Namespace) -> None:
             return orig_replace(src, dst, *args, **kw)
 
         os.link, os.replace = slow_link, slow_replace
+    if a.slow_rmtree:
+        import shutil
+
+        orig_rmtree = shutil.rmtree
+
+        def slow_rmtree(path, *args, **kw):
+            out = orig_rmtree(path, *args, **kw)
+            if "/progress/" in str(path):
+                time.sleep(a.slow_rmtree)
+            return out
+
+        shutil.rmtree = slow_rmtree  # Zarr's LocalStore removes a folder with shutil.rmtree
     if a.log_units:
         import calibjob.engine as engine
 
@@ -86,6 +99,7 @@ def main() -> None:
     p.add_argument("--fail-when")
     p.add_argument("--slow-link", type=float, default=0.0)
     p.add_argument("--log-units")
+    p.add_argument("--slow-rmtree", type=float, default=0.0)
     a = p.parse_args(argv[:cut])
     from calibjob import interrupts
 

@@ -348,3 +348,30 @@ def test_full_disk_while_encoding_says_what_to_do(prompt_file, tmp_path):
         assert np.isfinite(Store.open(store, mode="r").conditioning()[0]).all()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# ---- a kill while a progress record is replaced ------------------------------------------
+
+
+def test_a_kill_while_a_progress_record_is_replaced_keeps_the_record(prompt_file, tmp_path):
+    """The record says which shards ran on a store; without it, status takes a store with
+    missing trajectories for one whose other shards are elsewhere (exit 0, "complete here").
+    Zarr replaces a group by removing its folder first: removal slowed to 30 s here, a kill
+    after the first unit of `resume --all` lands between the two. Records are replaced in one
+    atomic write, so the kill finds the record whole."""
+    store = tmp_path / "part.zarr"
+    args = [*flags(prompt_file), "--store", str(store), "--no-progress"]
+    cli("run", *args, "--shard", "0/3")
+    before = done_count(store)
+    p = faulty("resume", str(store), "--all", "--no-progress", faults=("--slow-rmtree", "30"))
+    deadline = time.monotonic() + 120
+    while done_count(store) <= before and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.5)  # the unit's write returns, the record is being replaced
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert before < done_count(store) < 6
+    st = cli("status", str(store), check=False)
+    assert st.returncode == 1 and "missing trajectories" in st.stdout, st.stdout
+    assert "complete here" not in st.stdout
+    assert {"0/1", "0/3"} <= set(Store.open(store, mode="r").progress())
