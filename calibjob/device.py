@@ -175,7 +175,7 @@ def encode_gb(model: str, dtype: str) -> float:
 
 
 def note_encode_over(model: str, dtype: str, max_memory: float) -> None:
-    """Say once, before the run, that --max-memory cannot hold the encode phase: it steers only
+    """Say before the run that --max-memory cannot hold the encode phase: it steers only
     the batch, and the text encoders need what they need."""
     need = encode_gb(model, dtype)
     if 0 < max_memory < need:
