@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402,F401  (puts the checkout on sys.path, OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 GB = 1e9
 
@@ -63,9 +64,9 @@ def main() -> None:
                             ("clip_g", enc.clip_g, enc.tokenizer_g)):
         ids = _tokenize(tok, args.prompt)
         out = stage(f"{name} whole", lambda clip=clip, ids=ids: clip(ids).hidden_states[-2])
-        res[f"{name}_param_dtypes"] = sorted({str(v.dtype) for _, v in
-                                              __import__("mlx.utils").utils.tree_flatten(
-                                                  clip.parameters())})
+        res[f"{name}_param_dtypes"] = sorted(
+            {str(v.dtype) for _, v in tree_flatten(clip.parameters())}
+        )
         del out
     t5 = enc.t5
     ids = _tokenize(enc.t5_tokenizer, args.prompt)

@@ -519,11 +519,10 @@ class Store:
         Replaced whole in one atomic write (a renamed temporary file, or one PUT), never
         deleted and created again: a kill between the two would leave the shard with no record,
         and status would then take a store with missing trajectories for one whose shards are
-        all elsewhere."""
+        all elsewhere. The write needs nothing of the progress group's own metadata (a damaged
+        one is rewritten by `repair_metadata`, which every worker runs first)."""
         name = f"progress/{shard.replace('/', '-of-')}"
         attrs = {**info, "shard": shard, "updated": time.time()}
-        if not self._parses("progress"):  # a damaged progress group: rewrite it first
-            _rewrite_meta(self.location, "progress", _canonical_docs(self.config)["progress"])
         doc = {"attributes": attrs, "zarr_format": 3, "node_type": "group"}
         _rewrite_meta(self.location, name, json.dumps(doc).encode())
 
