@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "tests"):  # run as `python bench/x.py` from a checkout; the spec
+    if str(_p) not in sys.path:  # loop and the hub fixture are test code, not the package's
+        sys.path.insert(0, str(_p))
 
 import numpy as np  # noqa: E402
 
@@ -119,8 +120,8 @@ def run_job(cfg, store_path: Path, model):
 
 
 def spec_seconds(model, cs, cs_pooled, cfg, trajectories: list[int]) -> list[float]:
-    """Wall seconds of the spec's loop (calibjob.reference.spec_trajectory) per trajectory."""
-    from calibjob.reference import spec_trajectory
+    """Wall seconds of the spec's loop (tests/spec_loop.py: spec_trajectory) per trajectory."""
+    from spec_loop import spec_trajectory
 
     out = []
     p = len(cfg.prompts)

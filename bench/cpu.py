@@ -1,6 +1,6 @@
 """`make bench`: calibjob beside the spec's loop on this machine's CPU, in one run, one table.
 
-1. Throughput: the spec's loop (calibjob.reference.spec_trajectory: batch 1, modulation cached
+1. Throughput: the spec's loop (tests/spec_loop.py: spec_trajectory: batch 1, modulation cached
    and adaLN weights reloaded per trajectory) and calibjob's Engine at the job's batch size, on a
    mid-size MMDiT of DiffusionKit's class (random weights, float32, 589 text tokens).
 2. Job overhead: the engine alone on a job's units against the full job run in this process by

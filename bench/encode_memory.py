@@ -6,7 +6,7 @@ one prompt: each CLIP alone, then T5's embedding and each of its layers, every s
 by itself, reporting the peak MLX memory above what was resident before the stage and the dtype
 it produced. Last, the job's own `encode_one` on the same prompt, whole. Writes a JSON.
 
-    python -m calibjob.hub_fixture /root/hub --model sd3-medium --corpus prompts/sample_prompts.txt
+    python tests/hub_fixture.py /root/hub --model sd3-medium --corpus prompts/sample_prompts.txt
     HF_HUB_OFFLINE=1 HF_HUB_CACHE=/root/hub python bench/encode_memory.py --json encode.json
 """
 

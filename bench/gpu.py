@@ -5,7 +5,7 @@ An MMDiT of DiffusionKit's SD3_2b config with random weights (float16), 589 text
 the full job run in-process by `calibjob.worker.run_shard` (store writes, done markers,
 progress records; model built and conditioning written beforehand, as a loaded model and an
 encoded store). Beside it, in the same process on the same GPU, the spec's batch-1 loop
-(`calibjob.reference.spec_trajectory`) on a few trajectories, extrapolated to 256. No hub access.
+(`tests/spec_loop.py: spec_trajectory`) on a few trajectories, extrapolated to 256. No hub access.
 
     python bench/gpu.py                 # on a machine with MLX's CUDA backend
     python bench/gpu.py --small         # the same logic on a small model (CPU check)

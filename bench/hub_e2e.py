@@ -1,6 +1,6 @@
 """The real SD3 path end to end on the hub fixture (GPU machine, no network).
 
-Writes the full-size fixture (python -m calibjob.hub_fixture) into a local Hugging Face cache,
+Writes the full-size fixture (python tests/hub_fixture.py) into a local Hugging Face cache,
 then with HF_HUB_OFFLINE=1 and HF_HUB_CACHE/HF_HOME pointing there runs the CLI as a user would,
 nothing stubbed: `calibjob run --job jobs/paper.toml` (sd3-medium), status, merge, inspect,
 preview; optionally the paper job again under `--max-memory 12`; then SD3.5 Large on a short job
@@ -88,7 +88,7 @@ def run_model(name, model_flag, job_flags, cache, work, env, log, res, extra_run
 
 def write_fixture(cache: Path, model: str, env: dict, log) -> float:
     """The full-size hub fixture of one model key into `cache`; returns the seconds it took."""
-    fixture = [sys.executable, "-m", "calibjob.hub_fixture", cache, "--model", model]
+    fixture = [sys.executable, str(ROOT / "tests" / "hub_fixture.py"), cache, "--model", model]
     _, seconds = sh([*fixture, "--corpus", "prompts/sample_prompts.txt"], env, log)
     return seconds
 

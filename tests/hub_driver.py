@@ -12,7 +12,7 @@ import calibjob.device  # noqa: F401  (OpenBLAS before MLX: 30x faster on CPU)
 import mlx.core as mx
 from diffusionkit.mlx import model_io
 
-from calibjob import hub_fixture as hf
+import hub_fixture as hf
 
 for key in (hf.SD3_MEDIUM, hf.SD35_LARGE):
     model_io._CONFIG[key] = hf.small_mmdit_config(key, mx.float32)

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from calibjob.engine import Engine
 from calibjob.models import Model, load
-from calibjob.reference import spec_trajectory
+from spec_loop import spec_trajectory
 from calibjob.selection import initial_noise
 
 STEPS, SEED, CFG, LATENT = 8, 11, 1.5, (32, 32)

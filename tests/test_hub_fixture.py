@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 import calibjob.device  # noqa: F401  (OpenBLAS before MLX)
-from calibjob import hub_fixture as hf
+import hub_fixture as hf
 
 mx = pytest.importorskip("mlx.core")
 from diffusionkit.mlx import model_io  # noqa: E402

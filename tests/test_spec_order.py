@@ -1,7 +1,7 @@
 """calibjob's merged file against the spec's script run as PHASE1.md writes it, array for array.
 
 The yardstick below is the spec's algorithm, plainly: encode each prompt on its own, run every
-trajectory alone through DiffusionKit's CFGDenoiser (batch 1, calibjob/reference.py), stack the
+trajectory alone through DiffusionKit's CFGDenoiser (batch 1, tests/spec_loop.py), stack the
 recorded steps step-major ((S, N) so that after selection point j*N+k is selected step j of
 trajectory k), keep the `np.linspace` steps, flatten, tile the int32 per-trajectory prompt
 indices, and apply `numpy.random.default_rng(seed).permutation(N*K)` to xs, ts and
@@ -24,7 +24,7 @@ LATENT = (32, 32)
 def spec_file() -> dict[str, np.ndarray]:
     """The arrays the spec's script would save for this job (tiny model, CPU float32)."""
     from calibjob.models import load
-    from calibjob.reference import spec_trajectory
+    from spec_loop import spec_trajectory
 
     model = load("tiny", shift=3.0)
     pairs = [model.encode([p]) for p in PROMPTS]  # the spec encodes one prompt at a time

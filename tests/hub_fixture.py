@@ -18,7 +18,7 @@ This module knows every tensor of those files (name, shape, dtype) as a table, s
 
 - a test can run the table, as lazy MLX arrays that are never evaluated, through DiffusionKit's
   own state-dict adjustments against the models' parameter trees (no gigabytes), and
-- `python -m calibjob.hub_fixture DIR` writes the cache for real (full size: SD3 Medium and the
+- `python tests/hub_fixture.py DIR` writes the cache for real (full size: SD3 Medium and the
   shared text encoders about 15.5 GB, SD3.5 Large another 16.5 GB), so that the real `sd3-medium`
   path (loaders, encoders, engine, merge, preview) runs end to end with `HF_HUB_OFFLINE=1` and
   `HF_HUB_CACHE=DIR` on a machine that cannot reach the hub.
@@ -729,7 +729,7 @@ def table(keys: Iterable[str], sizes: Sizes = FULL) -> list[tuple[str, str, int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m calibjob.hub_fixture",
+        prog="python tests/hub_fixture.py",
         description="Write (or list) a Hugging Face hub cache of DiffusionKit's SD3 files with "
         "seeded random weights of the real shapes. Point HF_HUB_CACHE at DIR and set "
         "HF_HUB_OFFLINE=1 to run calibjob's real sd3 path on it.",
