@@ -84,36 +84,42 @@ def random_conditioning(prompts: int, tokens: int, dim: int, pooled: int, seed: 
 def job_config(**over):
     """The paper job (jobs/paper.toml) with overrides, resolved for this device like the CLI."""
     from calibjob.config import JobConfig, load_job_file
-    from calibjob.worker import resolve_config
+    from calibjob.jobs.run import resolve_config
 
     fields = load_job_file(ROOT / "jobs" / "paper.toml")
     fields.update(over)
     if "latent_size" in fields:
         fields["latent_size"] = tuple(fields["latent_size"])
-    return resolve_config(JobConfig(**fields))
+    return resolve_config(JobConfig(**fields), None)
 
 
 def prepare_store(path: Path, cfg, model, cs: np.ndarray, cs_pooled: np.ndarray) -> None:
     """Create the job's store and write its conditioning, as the worker's encode step would."""
-    from calibjob.store import Store
 
-    store = Store.create_or_open(path, cfg)
+    from calibjob.core.store import JobStore
+    from calibjob.jobs.run import RUN
+
+    store = JobStore.create_or_open(path, RUN, cfg)
     sigmas, ts = model.schedule(cfg.num_sampling_steps)
-    store.write_conditioning(cs.astype(np.float32), cs_pooled.astype(np.float32), sigmas, ts)
+    arrays = {"cs": cs.astype(np.float32), "cs_pooled": cs_pooled.astype(np.float32),
+              "sigmas": sigmas, "ts": ts}  # fmt: skip
+    store.write_prepared(arrays, row_chunked={"cs", "cs_pooled"})
 
 
 def run_job(cfg, store_path: Path, model):
-    """The full `calibjob run` of cfg in this process (calibjob.worker.run_shard, shard 0/1,
+    """The full `calibjob run` of cfg in this process (calibjob.core.runner, shard 0/1,
     store writes, markers and progress records), with `model` as the loaded model; whether the
     step is compiled is the job's `compile` field."""
-    from calibjob import models, worker
-    from calibjob.shards import ALL
+    from calibjob import models
+    from calibjob.core.runner import run_shards
+    from calibjob.core.shards import ALL
+    from calibjob.jobs.run import RUN
 
     real_load = models.load
     models.load = lambda *a, **k: model
     try:
         t0 = time.perf_counter()
-        res = worker.run_shard(cfg, store_path, ALL, show_progress=False)
+        res = run_shards(RUN, cfg, str(store_path), [ALL], show_progress=False)
         return res, time.perf_counter() - t0
     finally:
         models.load = real_load

@@ -34,8 +34,8 @@ from rich.table import Table  # noqa: E402
 
 from calibjob.device import mx  # noqa: E402
 from calibjob.engine import Engine  # noqa: E402
-from calibjob.shards import work_units  # noqa: E402
-from calibjob.store import Store  # noqa: E402
+from calibjob.jobs import open_store  # noqa: E402
+from calibjob.jobs.run import work_units  # noqa: E402
 
 ROOT = common.ROOT
 TEXT_TOKENS, TEXT_DIM, POOLED_DIM = 589, 4096, 2048  # SD3's: 77 CLIP + 512 T5 tokens
@@ -98,8 +98,8 @@ def full_job(model, cfg, cs, cs_pooled, tmp: Path, i: int) -> float:
     store = tmp / f"job{i}.zarr"
     common.prepare_store(store, cfg, model, cs, cs_pooled)
     res, wall = common.run_job(cfg, store, model)
-    assert res.trajectories_run == cfg.num_fid_samples
-    assert Store.open(store, mode="r").done_mask().all()
+    assert res.rows_run == cfg.num_fid_samples
+    assert open_store(store, mode="r").done_mask().all()
     return wall
 
 
@@ -108,15 +108,14 @@ def synthetic_store(path: Path, model) -> tuple[float, int]:
     then units of 4 trajectories (chunks, fsync, done markers). Returns (seconds, bytes)."""
     cfg = common.job_config(model_version="sd3-medium", dtype="float32", batch_size=4)
     t0 = time.perf_counter()
-    store = Store.create_or_open(path, cfg)
-    cs, cp = common.random_conditioning(len(cfg.prompts), TEXT_TOKENS, TEXT_DIM, POOLED_DIM)
-    sigmas, ts = model.schedule(cfg.num_sampling_steps)
-    store.write_conditioning(cs, cp, sigmas, ts)
+    common.prepare_store(path, cfg, model, *common.random_conditioning(
+        len(cfg.prompts), TEXT_TOKENS, TEXT_DIM, POOLED_DIM))  # fmt: skip
+    store = open_store(path)
     rng = np.random.default_rng(0)
     shape = (cfg.num_sampling_steps, *cfg.latent_size, 16)
     for u in work_units(cfg.num_fid_samples, len(cfg.prompts), cfg.batch_size):
         xs = rng.standard_normal((len(u.trajectories), *shape), np.float32)
-        store.write_trajectories(u.trajectories, xs)
+        store.write_rows(u.trajectories, {"xs": xs}, 300.0)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return time.perf_counter() - t0, size
 

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from calibjob.store import Store  # noqa: E402
+from calibjob.jobs import open_store  # noqa: E402
 
 DENSE_MS = 2.5  # dense fp16 limit per trajectory-step on an H100 (1.48 GFLOP/token, ~1 PFLOP/s)
 
@@ -98,8 +98,8 @@ def main() -> None:
         job_cfg = cfg
         common.prepare_store(store, job_cfg, model, cs, cs_pooled)
         res, wall = common.run_job(job_cfg, store, model)
-        done = int(Store.open(store, mode="r").done_mask().sum())
-        finite = bool(np.isfinite(Store.open(store, mode="r").read_trajectory(0)).all())
+        done = int(open_store(store, mode="r").done_mask().sum())
+        finite = bool(np.isfinite(open_store(store, mode="r").read_row("xs", 0)).all())
     steps_total = cfg.num_fid_samples * S
     job_ms = wall / steps_total * 1e3
     results.update(

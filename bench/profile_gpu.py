@@ -158,9 +158,12 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(res, indent=1))
         return
+    from calibjob import api
+    from calibjob.core.shards import ALL
+    from calibjob.data import read_set
+    from calibjob.jobs import open_store
+    from calibjob.jobs.profile import build_spec, plan, resolve
     from calibjob.profile.forward import Profiler
-    from calibjob.profile.store import ProfileStore
-    from calibjob.profile.worker import plan, profile_shard, read_set, resolve_job
 
     t0 = time.perf_counter()
     model, tokens, dim, pooled, dname, version = build(args.model)
@@ -172,8 +175,8 @@ def main() -> None:
         t0 = time.perf_counter()
         synthetic_set(npz, model, args.points, tokens, dim, pooled, dname, version)
         cal = read_set(npz)
-        job = resolve_job(cal, store, dtype=dname, batch_size=args.batch_size,
-                          compile=args.compile)
+        job = resolve(build_spec(cal, dtype=dname, batch_size=args.batch_size,
+                                 compile=args.compile), cal, None)  # fmt: skip
         if args.reduce_dtype != "auto":
             job = job.replace(reduce_dtype=args.reduce_dtype)
         timesteps, units = plan(cal, job)
@@ -207,12 +210,13 @@ def main() -> None:
         # the profile job itself (taps, statistics, store writes), same model in-process
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        profile_shard(cal, job, store, show_progress=False, model=model)
+        api.profile(npz, str(store), ALL, progress=False, model=model, dtype=dname,
+                    batch_size=job.batch_size, compile=job.compile)  # fmt: skip
         res["profile_s"] = time.perf_counter() - t0
         res["profile_peak_gb"] = mx.get_peak_memory() / 1e9
-        st = ProfileStore.open(store, mode="r")
+        st = open_store(store, mode="r")
         assert st.done_mask().all()
-        res["stats_mb_per_unit"] = sum(c for _, _, c in st.taps) * 24 / 1e6
+        res["stats_mb_per_unit"] = sum(int(t[2]) for t in st.meta["taps"]) * 24 / 1e6
         con.print(f"profile job: {res['profile_s']:.1f} s, peak {res['profile_peak_gb']:.2f} GB")
     res["overhead"] = res["profile_s"] / res["bare_s"] - 1
     if args.json:

@@ -12,16 +12,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import numpy as np  # noqa: E402
+from spec_loop import spec_trajectory  # noqa: E402
 
 from calibjob import models  # noqa: E402
 from calibjob.device import mx  # noqa: E402
 from calibjob.engine import Engine  # noqa: E402
-from spec_loop import spec_trajectory  # noqa: E402
-from calibjob.store import Store  # noqa: E402
+from calibjob.jobs import open_store  # noqa: E402
 
 
 def main() -> None:
-    st = Store.open(sys.argv[1], mode="r")
+    st = open_store(sys.argv[1], mode="r")
     cfg = st.config
     cs, cp = st.conditioning()
     model = models.load(cfg.model_version, shift=cfg.shift, dtype=cfg.dtype, text_encoders=False)

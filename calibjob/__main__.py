@@ -1,7 +1,7 @@
 """`calibjob` (the console script) and `python -m calibjob`: Ctrl-C and SIGTERM are handled
 from the first line on, before the command-line modules import (see interrupts.py)."""
 
-from calibjob import interrupts
+from calibjob.core import interrupts
 
 interrupts.install()
 

@@ -8,13 +8,13 @@ a CLI flag and the store's saved config all speak the same words.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
 
+from calibjob.core.spec import Spec
 from calibjob.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +38,34 @@ def canonical_model(name: str) -> str:
     return key
 
 
+# Fields that change the data a job produces; two stores can be merged only if these agree.
+# (low_memory_mode, prompt_file, prompt_column, num_prompts, local_ckpt and max_memory change
+# how, not what: the prompts' text is compared, and max_memory only steers the auto batch size,
+# which is an identity field.)
+IDENTITY_FIELDS = (
+    "model_version",
+    "num_fid_samples",
+    "num_sampling_steps",
+    "num_selected_steps",
+    "latent_size",
+    "cfg_scale",
+    "seed",
+    "shift",
+    "batch_size",
+    "dtype",
+    "compile",  # on a GPU compiled and eager steps differ in their last bits
+    "prompts",
+)
+# Fields a job may leave to the device; resolved once, when the store is created, then fixed.
+AUTO_FIELDS = {"dtype": "auto", "batch_size": 0, "compile": "auto"}
+
+
 @dataclass(frozen=True)
-class JobConfig:
+class JobConfig(Spec):
     """Every parameter of a calibration job. Defaults are the paper's (TaQ-DiT, Sec. IV-A)."""
+
+    IDENTITY = IDENTITY_FIELDS
+    AUTO = AUTO_FIELDS
 
     model_version: str = SD3_MEDIUM
     num_fid_samples: int = 256  # trajectories
@@ -104,94 +129,14 @@ class JobConfig:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}")
         return self
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["latent_size"] = list(self.latent_size)
-        d["prompts"] = list(self.prompts)
-        return d
-
     @classmethod
     def from_dict(cls, d: dict) -> JobConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown job field(s): {', '.join(unknown)}")
-        d = dict(d)
         if "latent_size" in d:
             ls = d["latent_size"]
             if not isinstance(ls, list | tuple) or len(ls) != 2:
                 raise ConfigError(f"latent_size must be two integers, got {ls!r}")
-            d["latent_size"] = (int(ls[0]), int(ls[1]))
-        if "prompts" in d:
-            d["prompts"] = tuple(d["prompts"])
-        for f in dataclasses.fields(cls):
-            if f.name in d and f.type in ("int", "float") and d[f.name] is not None:
-                try:
-                    d[f.name] = int(d[f.name]) if f.type == "int" else float(d[f.name])
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{f.name} must be a number, got {d[f.name]!r}") from None
-        return cls(**d)
-
-    def replace(self, **changes) -> JobConfig:
-        return dataclasses.replace(self, **changes)
-
-    def with_choices_of(self, other: JobConfig) -> JobConfig:
-        """Fields left to 'auto' here take `other`'s (an existing store's resolved) values."""
-        return self.replace(
-            **{k: getattr(other, k) for k, auto in AUTO_FIELDS.items() if getattr(self, k) == auto}
-        )
-
-
-# Fields a job may leave to the device; resolved once, when the store is created, then fixed.
-AUTO_FIELDS = {"dtype": "auto", "batch_size": 0, "compile": "auto"}
-
-
-# Fields that change the data a job produces; two stores can be merged only if these agree.
-# (low_memory_mode, prompt_file, prompt_column, num_prompts, local_ckpt and max_memory change
-# how, not what: the prompts' text is compared, and max_memory only steers the auto batch size,
-# which is an identity field.)
-IDENTITY_FIELDS = (
-    "model_version",
-    "num_fid_samples",
-    "num_sampling_steps",
-    "num_selected_steps",
-    "latent_size",
-    "cfg_scale",
-    "seed",
-    "shift",
-    "batch_size",
-    "dtype",
-    "compile",  # on a GPU compiled and eager steps differ in their last bits
-    "prompts",
-)
-
-
-def identity(cfg: JobConfig) -> dict:
-    """The data-defining part of a config, as plain JSON types."""
-    d = cfg.to_dict()
-    return {k: d[k] for k in IDENTITY_FIELDS}
-
-
-def fingerprint(cfg: JobConfig) -> str:
-    """A short hash of the data-defining fields: equal fingerprints, interchangeable data."""
-    blob = json.dumps(identity(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def differing_fields(a: JobConfig, b: JobConfig) -> list[str]:
-    """Names of the data-defining fields where a and b disagree."""
-    ia, ib = identity(a), identity(b)
-    return [k for k in IDENTITY_FIELDS if ia[k] != ib[k]]
-
-
-def describe_differences(fields: list[str], have: dict, asked: dict) -> str:
-    """'seed: store has 7, asked 8, ...' for a refusal that names what differs (values as JSON,
-    long ones shortened): the run store's and the profile store's words alike."""
-
-    def short(v) -> str:
-        s = json.dumps(v)
-        return s if len(s) <= 40 else s[:37] + "..."
-
-    return ", ".join(f"{k}: store has {short(have[k])}, asked {short(asked[k])}" for k in fields)
+            d = {**d, "latent_size": (int(ls[0]), int(ls[1]))}
+        return super().from_dict(d)
 
 
 def load_job_file(path: str | Path) -> dict:
@@ -218,6 +163,11 @@ def resolve_prompt_path(prompt_file: str) -> Path:
         return p
     q = PROJECT_ROOT / p
     return q if q.exists() else p
+
+
+# How long a worker's lease on a unit lives without a heartbeat (the heartbeat comes every
+# sixth of it): a worker frozen longer than this loses its units to others.
+LEASE_TTL_S = float(os.environ.get("CALIBJOB_LEASE_TTL_S", "300"))
 
 
 # ---- phase 2: activation profiles (`calibjob profile`) --------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,56 @@ def _read_member(p: Path, f, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.n
             raise
 
 
+REQUIRED = ("xs", "ts", "prompt_indices", "cs", "cs_pooled")
+
+
+@dataclass
+class CalibSet:
+    """The arrays of a calibration file that profiling reads (large ones memory-mapped)."""
+
+    path: Path
+    xs: np.ndarray
+    ts: np.ndarray
+    prompt_indices: np.ndarray
+    cs: np.ndarray
+    cs_pooled: np.ndarray
+    model_version: str | None
+    dtype: str | None
+    prompts: list[str]
+    cfg_scale: float | None
+
+
+def read_set(path: str | Path) -> CalibSet:
+    """A calibration `.npz` (merge's output); one line for anything else."""
+    p = Path(path)
+    try:
+        arrays = open_npz(p)
+    except ConfigError as e:
+        raise ConfigError(f"{p} is not a calibration file ({e})") from None
+    missing = [k for k in REQUIRED if k not in arrays]
+    if missing:
+        raise ConfigError(
+            f"{p} is not a calibration file (no {', '.join(missing)}; make one with "
+            f"`calibjob merge`)"
+        )
+    xs, ts = arrays["xs"], np.asarray(arrays["ts"])
+    pi = np.asarray(arrays["prompt_indices"])
+    cs, pooled = arrays["cs"], arrays["cs_pooled"]
+    n = len(ts)
+    if (
+        xs.ndim != 4 or xs.shape[0] != n or pi.shape != (n,) or cs.ndim != 4 or cs.shape[1] != 2
+        or pooled.ndim != 3 or pooled.shape[:2] != cs.shape[:2] or n == 0
+    ):
+        raise ConfigError(f"{p} is not a calibration file (its arrays' shapes do not fit)")
+    if pi.min() < 0 or pi.max() >= cs.shape[0]:
+        raise ConfigError(f"{p} is not a calibration file (prompt indices out of range)")
+    mv = str(arrays["model_version"]) if "model_version" in arrays else None
+    dt = str(arrays["dtype"]) if "dtype" in arrays else None
+    prompts = [str(s) for s in arrays["prompts"]] if "prompts" in arrays else []
+    cfg_scale = float(arrays["cfg_scale"]) if "cfg_scale" in arrays else None
+    return CalibSet(p, xs, ts, pi, cs, pooled, mv, dt, prompts, cfg_scale)
+
+
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -122,18 +173,11 @@ class CalibrationSet:
     def __init__(self, path: str | Path, batch_size: int = 1):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-        self.path = Path(path)
-        arrays = open_npz(self.path)
-        missing = [k for k in ("xs", "ts", "prompt_indices", "cs", "cs_pooled") if k not in arrays]
-        if missing:
-            raise ConfigError(f"{self.path} lacks {', '.join(missing)}; is it a calibration file?")
-        self.xs = arrays["xs"]
-        self.ts = np.asarray(arrays["ts"])
-        self.prompt_indices = np.asarray(arrays["prompt_indices"])
-        self.cs = arrays["cs"]
-        self.cs_pooled = arrays["cs_pooled"]
-        self.prompts = [str(s) for s in arrays["prompts"]] if "prompts" in arrays else []
-        self.cfg_scale = float(arrays["cfg_scale"]) if "cfg_scale" in arrays else None
+        s = read_set(path)
+        self.path = s.path
+        self.xs, self.ts, self.prompt_indices = s.xs, s.ts, s.prompt_indices
+        self.cs, self.cs_pooled = s.cs, s.cs_pooled
+        self.prompts, self.cfg_scale = s.prompts, s.cfg_scale
         self.batch_size = batch_size
         self._batches = self._plan(batch_size)
 

@@ -312,24 +312,24 @@ def _row(step: int, t: float, sigma: float, acc: RunningStats, hwc: int, selecte
 
 def inspect_store(path: str | Path) -> Report:
     """Per recorded step, over the trajectories done so far, one chunk at a time."""
-    from calibjob.store import Store
+    from calibjob.jobs.run import LATENT_CHANNELS, open_run_store
 
-    st = Store.open(path, mode="r")
+    st = open_run_store(path)
     cfg = st.config
-    if not st.encoded:
+    if not st.prepared:
         raise StoreError(f"{path} has no trajectories yet (its run never started)")
     done = np.flatnonzero(st.done_mask())
     if done.size == 0:
         raise StoreError(f"{path} has no trajectories done yet")
-    sigmas, ts = st.schedule()
+    sigmas, ts = st.read_prepared("sigmas"), st.read_prepared("ts")
     s_steps = cfg.num_sampling_steps
     h, w = cfg.latent_size
-    hwc = h * w * 16
+    hwc = h * w * LATENT_CHANNELS
     acc = [RunningStats(done.size * hwc) for _ in range(s_steps)]
     rep = Report(Path(path), "store")
     for k in done.tolist():
         try:
-            x = st.read_trajectory(int(k))
+            x = st.read_row("xs", int(k))
         except Exception as e:  # noqa: BLE001  (a missing or corrupt chunk is a finding)
             rep.problems.append(f"trajectory {k} is unreadable ({type(e).__name__})")
             continue

@@ -26,11 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from calibjob import remote
+from calibjob.core.locations import is_url
+from calibjob.core.shards import Shard
+from calibjob.core.status import shards_run_here
+from calibjob.core.store import JobStore, check_same_job
+from calibjob.core.words import fmt_ranges
 from calibjob.errors import ConfigError, StoreDamaged, StoreError
+from calibjob.jobs.run import LATENT_CHANNELS, open_run_store, units_for
 from calibjob.selection import point_order, select_steps
-from calibjob.shards import Shard, work_units
-from calibjob.store import Store, check_same_job
 
 ROWS_PER_WRITE = 256
 
@@ -44,10 +47,8 @@ class MergeSummary:
     bytes: int
 
 
-def coverage(stores: list[Store]) -> np.ndarray:
+def coverage(stores: list[JobStore]) -> np.ndarray:
     """Which store holds each trajectory; refuses overlaps and gaps, naming the trajectories."""
-    from calibjob.worker import fmt_ranges
-
     n = stores[0].config.num_fid_samples
     owner = np.full(n, -1)
     overlap: list[int] = []
@@ -66,12 +67,9 @@ def coverage(stores: list[Store]) -> np.ndarray:
     return owner
 
 
-def _where_missing(stores: list[Store], missing: np.ndarray) -> str:
+def _where_missing(stores: list[JobStore], missing: np.ndarray) -> str:
     """Advice for a gap: the shards to bring (stores of one machine each), or `resume`."""
-    from calibjob.status import shards_run_here
-
-    cfg = stores[0].config
-    units = work_units(cfg.num_fid_samples, len(cfg.prompts), cfg.batch_size)
+    units = units_for(stores[0].config)
     ran = [sh for s in stores for sh in shards_run_here(s)]
     counts = {sh.count for sh in ran}
     if ran and len(counts) == 1 and counts != {1}:
@@ -95,7 +93,7 @@ def _where_missing(stores: list[Store], missing: np.ndarray) -> str:
 def _remove_stale_partials(out: Path) -> None:
     """Temporary files of earlier merges to `out` whose process has ended (a SIGKILLed merge
     leaves `.OUT.PID.partial`); a running merge's file is left alone."""
-    from calibjob.claims import pid_alive
+    from calibjob.core.leases import pid_alive
 
     if not out.parent.is_dir():
         return
@@ -142,14 +140,14 @@ def merge(
     _remove_stale_partials(out)
     seen: dict[str, str] = {}
     for p in paths:
-        key = str(Path(p).resolve()) if not remote.is_url(str(p)) else str(p)
+        key = str(Path(p).resolve()) if not is_url(str(p)) else str(p)
         if key in seen:
             raise ConfigError(f"the same store was given twice: {seen[key]} and {p}")
         seen[key] = str(p)
-    stores = [Store.open(p, mode="r") for p in paths]
+    stores = [open_run_store(p) for p in paths]
     check_same_job(stores)
     cfg = stores[0].config
-    if not all(s.encoded for s in stores):
+    if not all(s.prepared for s in stores):
         raise ConfigError("a store has no prompt conditioning yet (its run never started)")
     owner = coverage(stores)
 
@@ -157,10 +155,11 @@ def merge(
     sel = select_steps(s_steps, k_sel, step_selection)
     k_sel = len(sel)
     h, w = cfg.latent_size
-    selected = np.empty((n, k_sel, h, w, 16), dtype=np.float32)
+    c = LATENT_CHANNELS
+    selected = np.empty((n, k_sel, h, w, c), dtype=np.float32)
     for k in range(n):
         try:
-            selected[k] = stores[owner[k]].read_trajectory(k)[sel]
+            selected[k] = stores[owner[k]].read_row("xs", k)[sel]
         except StoreDamaged as e:
             raise StoreError(
                 f"trajectory {k}: {e.location.rstrip('/')}/{e.key} is damaged ({e.why}); "
@@ -172,13 +171,13 @@ def merge(
     m = n * k_sel
     traj_idx, sel_idx = point_order(n, k_sel, cfg.seed)
     step_idx = sel[sel_idx].astype(np.int64)
-    sigmas, ts_all = stores[0].schedule()
+    sigmas, ts_all = stores[0].read_prepared("sigmas"), stores[0].read_prepared("ts")
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             _write_rows(
-                zf, "xs", (m, h, w, 16), np.float32,
+                zf, "xs", (m, h, w, c), np.float32,
                 (selected[traj_idx[i : i + ROWS_PER_WRITE], sel_idx[i : i + ROWS_PER_WRITE]]
                  for i in range(0, m, ROWS_PER_WRITE)),
             )  # fmt: skip
@@ -186,7 +185,7 @@ def merge(
             _write_npy(zf, "prompt_indices", (traj_idx % len(cfg.prompts)).astype(np.int32))
             for name in ("cs", "cs_pooled"):
                 arr = stores[0].node(name)  # chunked one prompt per chunk: read one at a time
-                _write_rows(zf, name, arr.shape, arr.dtype, stores[0].prompt_rows(name))
+                _write_rows(zf, name, arr.shape, arr.dtype, stores[0].prepared_rows(name))
             _write_npy(zf, "prompts", np.array(cfg.prompts, dtype=str))
             _write_npy(zf, "cfg_scale", np.array(cfg.cfg_scale, dtype=np.float32))
             _write_npy(zf, "trajectory_indices", traj_idx)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calibjob.core.store import JobStore
 from calibjob.errors import ConfigError
-from calibjob.store import Store
 
 PAD = 8
 CAPTION_FONT = 13
@@ -26,7 +26,7 @@ MAX_COLUMNS = 4
 BATCH = 8  # trajectories per MMDiT call
 
 
-def choose_trajectories(store: Store, spec: str | None, n: int) -> list[int]:
+def choose_trajectories(store: JobStore, spec: str | None, n: int) -> list[int]:
     """`spec` ('0,5,9') if given, else the first n done trajectories; all must be done."""
     done = store.done_mask()
     if spec:
@@ -69,7 +69,7 @@ def euler_step(model, x, out, sigma: float, sigma_next: float, cfg_scale: float)
     return x + d * (next_a - sigma_a)
 
 
-def final_latents(store: Store, model, trajectories: list[int]) -> np.ndarray:
+def final_latents(store: JobStore, model, trajectories: list[int]) -> np.ndarray:
     """(B, H, W, 16): each trajectory's xs[k, S-1] taken through the last Euler step.
 
     All chosen trajectories sit at the same step, so this is one MMDiT call for all of them
@@ -79,17 +79,17 @@ def final_latents(store: Store, model, trajectories: list[int]) -> np.ndarray:
     from calibjob.data import cfg_batch, run_mmdit
 
     cfg = store.config
-    sigmas, ts = store.schedule()
+    sigmas, ts = store.read_prepared("sigmas"), store.read_prepared("ts")
     _, ts_model = model.schedule(cfg.num_sampling_steps)
     if not np.array_equal(ts, ts_model):
         raise ConfigError("the store's timesteps differ from this DiffusionKit's schedule")
-    cs, cs_pooled = store.conditioning()
+    cs, cs_pooled = store.read_prepared("cs"), store.read_prepared("cs_pooled")
     last = cfg.num_sampling_steps - 1
     p = len(cfg.prompts)
     out = []
     for i in range(0, len(trajectories), BATCH):
         ks = trajectories[i : i + BATCH]
-        x = np.stack([store.read_trajectory(k)[last] for k in ks])
+        x = np.stack([store.read_row("xs", k)[last] for k in ks])
         batch = cfg_batch(x, np.full(len(ks), ts[last]), cs, cs_pooled, np.array(ks) % p)
         y = run_mmdit(model.mmdit, batch, dtype=model.activation_dtype)
         x_next = euler_step(model, x, y, sigmas[last], sigmas[last + 1], cfg.cfg_scale)
@@ -156,8 +156,10 @@ def preview(store_path: str | Path, out: str | Path, trajectories: str | None = 
 
     out = Path(out)
     fmt = check_output(out, force, IMAGE_FORMATS)
-    st = Store.open(store_path, mode="r")
-    if not st.encoded:
+    from calibjob.jobs.run import open_run_store
+
+    st = open_run_store(store_path)
+    if not st.prepared:
         raise ConfigError(f"{store_path} has no trajectories done yet")
     ks = choose_trajectories(st, trajectories, n)
     cfg = st.config

@@ -85,15 +85,17 @@ def assert_same_npz(a: Path, b: Path) -> None:
 @pytest.fixture(scope="session")
 def dry_run(tmp_path_factory) -> tuple[Path, Path]:
     """The spec's dry-run job on the tiny model, run by the worker and merged, once per session."""
+    from calibjob import api
     from calibjob.config import JobConfig, load_job_file
+    from calibjob.core.shards import ALL
+    from calibjob.jobs.run import RUN
     from calibjob.merge import merge
-    from calibjob.worker import resolve_config, run_shard
 
     root = tmp_path_factory.mktemp("calib-dry-run")
     store, npz = root / "dry-run.zarr", root / "dry_run_cali.npz"
     fields = load_job_file(ROOT / "jobs" / "dry-run.toml")
-    cfg = resolve_config(JobConfig.from_dict({**fields, "model_version": "tiny"}), store)
-    run_shard(cfg, store, show_progress=False)
+    cfg = JobConfig.from_dict({**fields, "model_version": "tiny"})
+    api.run(RUN, cfg, str(store), [ALL], progress=False)
     merge([store], npz)
     return store, npz
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def install(a: argparse.Namespace) -> None:
-    import calibjob.worker as worker
+    import calibjob.jobs.run as worker
 
     if a.slow_fsync:
         orig_fsync = os.fsync
@@ -37,7 +37,7 @@ def install(a: argparse.Namespace) -> None:
     if a.slow_load or a.load_fails:
         orig_load = worker._load_model
 
-        def load(st, **kw):
+        def load(cfg, **kw):
             time.sleep(a.slow_load)
             deadline = time.monotonic() + 120
             while a.fail_when and not os.path.exists(a.fail_when) and time.monotonic() < deadline:
@@ -46,7 +46,7 @@ def install(a: argparse.Namespace) -> None:
                 from calibjob.errors import ModelUnavailable
 
                 raise ModelUnavailable("cannot load the MMDiT (injected: no weights here)")
-            return orig_load(st, **kw)
+            return orig_load(cfg, **kw)
 
         worker._load_model = load
     if a.slow_link:
@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--log-units")
     p.add_argument("--slow-rmtree", type=float, default=0.0)
     a = p.parse_args(argv[:cut])
-    from calibjob import interrupts
+    from calibjob.core import interrupts
 
     interrupts.install()
     install(a)

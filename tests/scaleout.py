@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import ROOT, cli, job_flags
 
-from calibjob.store import Store
+from calibjob.jobs import open_store, store_exists
 
 # 12 trajectories x 10 steps, one trajectory per unit: 4 units per shard of 3, so a worker
 # killed after its first unit still has work left.
@@ -75,10 +75,10 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str) -> object:
 
 def running_worker(location: str, min_units_left: int = 1) -> tuple[str, int] | None:
     """(shard, pid) of a worker that has written a unit and still has some left, if any."""
-    if not Store.exists(location):
+    if not store_exists(location):
         return None
     try:
-        progress = Store.open(location, mode="r").progress()
+        progress = open_store(location, mode="r").progress()
     except Exception:  # noqa: BLE001  (the store is being created right now)
         return None
     for shard, info in sorted(progress.items()):

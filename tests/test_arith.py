@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibjob.config import JobConfig, differing_fields, fingerprint, load_job_file
+from calibjob.config import JobConfig, load_job_file
+from calibjob.core.shards import Shard, parse_shard
 from calibjob.errors import ConfigError
+from calibjob.jobs.run import work_units
 from calibjob.selection import initial_noise, select_steps, shuffle_order
-from calibjob.shards import Shard, parse_shard, work_units
 
 
 def test_units_group_by_prompt_and_cover_every_trajectory_once():
@@ -95,9 +96,9 @@ def test_unknown_job_field_is_refused(tmp_path):
 def test_fingerprint_and_differing_fields():
     a = JobConfig(prompts=("x", "y"))
     b = a.replace(seed=3, cfg_scale=2.0)
-    assert fingerprint(a) != fingerprint(b)
-    assert differing_fields(a, b) == ["cfg_scale", "seed"]
-    assert fingerprint(a) == fingerprint(a.replace(low_memory_mode=False))
+    assert a.fingerprint() != b.fingerprint()
+    assert a.differing(b) == ["cfg_scale", "seed"]
+    assert a.fingerprint() == a.replace(low_memory_mode=False).fingerprint()
 
 
 @pytest.mark.parametrize(

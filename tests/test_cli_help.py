@@ -128,7 +128,7 @@ def test_latent_size_takes_two_numbers(tmp_path):
     cli("run", "--model-version", "tiny", "--latent-size", "16", "24", "--num-fid-samples", "1",
         "--num-sampling-steps", "1", "--num-selected-steps", "1", "--store", str(good),
         "--no-progress")  # fmt: skip
-    from calibjob.store import Store
+    from calibjob.jobs import open_store
 
-    st = Store.open(good, mode="r")
+    st = open_store(good, mode="r")
     assert st.config.latent_size == (16, 24) and st.root["xs"].shape[2:4] == (16, 24)

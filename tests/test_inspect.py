@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from calibjob.inspect_data import RunningStats, inspect_npz, inspect_store
-from calibjob.store import Store
+from calibjob.jobs import open_store
 
 CLI = [sys.executable, "-c", "from calibjob.cli import main; main()"]
 
@@ -135,17 +135,17 @@ def test_inspect_store_so_far(dry_run, tmp_path):
 
     part = tmp_path / "part.zarr"
     shutil.copytree(store, part)
-    st = Store.open(part)
+    st = open_store(part)
     st.root["done"][2] = 0
     st.root["done"][6] = 0
     rep = inspect_store(part)
     assert not rep.problems and "6 of 8 trajectories done" in rep.summary[0]
-    x = np.stack([st.read_trajectory(k)[10] for k in (0, 1, 3, 4, 5, 7)])
+    x = np.stack([st.read_row("xs", k)[10] for k in (0, 1, 3, 4, 5, 7)])
     row = rep.rows[10]
     assert row.points == 6 and row.max == x.max()
     assert row.p999 == pytest.approx(float(np.percentile(np.abs(x), 99.9)), rel=1e-6)
 
-    bad = np.array(st.read_trajectory(4))
+    bad = np.array(st.read_row("xs", 4))
     bad[13, 0, 0, 0] = np.inf
     st.root["xs"][4] = bad
     r = cli("inspect", part)

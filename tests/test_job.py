@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import PROMPTS, assert_same_npz, cli, job_flags, load_npz, popen
 
-from calibjob.store import Store
+from calibjob.jobs import open_store
 
 N, S, K = 6, 20, 5  # trajectories, steps, selected: 3 units of 2 (batch 2, 3 prompts)
 
@@ -68,15 +68,15 @@ def test_merged_file_matches_the_spec(baseline, prompt_file):
     pairs = set(zip(d["trajectory_indices"].tolist(), d["step_indices"].tolist(), strict=True))
     assert pairs == {(k, s) for k in range(N) for s in sel.tolist()} and len(pairs) == m
     # ts are the schedule's model timesteps at step_indices; prompts are k % P
-    st = Store.open(store, mode="r")
-    _, ts_sched = st.schedule()
+    st = open_store(store, mode="r")
+    ts_sched = st.read_prepared("ts")
     assert np.array_equal(d["ts"], ts_sched[d["step_indices"]])
     assert np.array_equal(d["ts"], (d["sigmas"][d["step_indices"]] * 1000).astype(d["ts"].dtype))
     assert np.array_equal(d["prompt_indices"], d["trajectory_indices"] % 3)
     # each row is the store's x_t at (trajectory, step): the data really comes from the store
     for j in (0, 7, m - 1):
         k, s = d["trajectory_indices"][j], d["step_indices"][j]
-        assert np.array_equal(d["xs"][j], st.read_trajectory(int(k))[s])
+        assert np.array_equal(d["xs"][j], st.read_row("xs", int(k))[s])
     # shuffled, not in trajectory order
     assert not np.array_equal(d["trajectory_indices"], np.sort(d["trajectory_indices"]))
 
@@ -291,12 +291,12 @@ def test_full_disk_keeps_the_store_consistent_and_resumable(
     proc = cli("run", *flags(prompt_file, **{"batch-size": 1}), "--store", str(store), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "disk full" in proc.stderr or "No space left" in proc.stderr, proc.stderr
-    st = Store.open(store, mode="r")
+    st = open_store(store, mode="r")
     done = np.flatnonzero(st.done_mask())
     assert 0 < len(done) < N
-    ref = Store.open(baseline[0], mode="r")
+    ref = open_store(baseline[0], mode="r")
     for k in done:  # what is marked done is whole and right
-        assert np.array_equal(st.read_trajectory(int(k)), ref.read_trajectory(int(k)))
+        assert np.array_equal(st.read_row("xs", int(k)), ref.read_row("xs", int(k)))
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     cli("resume", str(store))
     one_b1 = tmp_path / "b1.zarr"
@@ -307,20 +307,24 @@ def test_full_disk_keeps_the_store_consistent_and_resumable(
 def test_paper_numbers_merge_to_6400_points(tmp_path):
     """A synthetic store with the paper's job numbers (latent shrunk to 2x2 to stay small)."""
     from calibjob.config import JobConfig
+    from calibjob.core.store import JobStore
+    from calibjob.jobs.run import RUN
 
     cfg = JobConfig(
         model_version="tiny", latent_size=(2, 2), batch_size=13, dtype="float32",
         prompts=tuple(f"prompt {i}" for i in range(20)),
     )  # fmt: skip
-    st = Store.create_or_open(tmp_path / "paper.zarr", cfg)
+    st = JobStore.create_or_open(tmp_path / "paper.zarr", RUN, cfg)
     sig = np.linspace(1, 0, 101).astype(np.float32)
-    st.write_conditioning(
-        np.zeros((20, 2, 5, 4), np.float32), np.zeros((20, 2, 3), np.float32), sig, sig[:100] * 1000
-    )
+    st.write_prepared({"cs": np.zeros((20, 2, 5, 4), np.float32),
+                       "cs_pooled": np.zeros((20, 2, 3), np.float32),
+                       "sigmas": sig, "ts": sig[:100] * 1000},
+                      row_chunked={"cs", "cs_pooled"})  # fmt: skip
     rng = np.random.default_rng(0)
     for k0 in range(0, 256, 32):
         ks = list(range(k0, k0 + 32))
-        st.write_trajectories(ks, rng.standard_normal((32, 100, 2, 2, 16), dtype=np.float32))
+        st.write_rows(ks, {"xs": rng.standard_normal((32, 100, 2, 2, 16), dtype=np.float32)},
+                      300.0)
     d = load_npz(merge(tmp_path / "paper.zarr", tmp_path / "paper.npz"))
     assert d["xs"].shape == (6400, 2, 2, 16) and d["ts"].shape == (6400,)
     assert np.array_equal(np.unique(d["step_indices"]), np.linspace(0, 99, 25, dtype=int))

@@ -10,7 +10,7 @@ import os
 from conftest import assert_same_npz, cli
 from scaleout import finish, flags, kill_one_worker_mid_run, reference, start
 
-from calibjob.store import Store
+from calibjob.jobs import open_store
 
 
 def test_local_launch_sigkill_one_worker_then_launch_again(prompt_file, tmp_path_factory, tmp_path):
@@ -24,7 +24,7 @@ def test_local_launch_sigkill_one_worker_then_launch_again(prompt_file, tmp_path
     assert p.returncode == 1, out  # incomplete
     assert f"shard {shard}: failed" in out, out
     assert f"shard {shard} failed (job" in out, out  # the status part, with the log's end
-    done = Store.open(store, mode="r").done_mask()
+    done = open_store(store, mode="r").done_mask()
     assert 0 < done.sum() < len(done)
 
     # each worker saw its own GPU; logs and the launch record are in STORE/logs
@@ -54,7 +54,7 @@ def test_local_launch_sigkill_one_worker_then_launch_again(prompt_file, tmp_path
 
 
 def test_local_shards_are_pinned_to_distinct_gpus_while_there_are_enough(monkeypatch):
-    from calibjob.launch import device_share, gpu_for_shard, visible_gpus
+    from calibjob.core.launch import device_share, gpu_for_shard, visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # a node's last four GPUs
     gpus = visible_gpus()

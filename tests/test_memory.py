@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 from conftest import cli, job_flags
 
-from calibjob import device, launch
-from calibjob.config import SD3_MEDIUM, JobConfig, fingerprint
+from calibjob import device
+from calibjob.config import SD3_MEDIUM, JobConfig
+from calibjob.core import launch
 from calibjob.errors import ConfigError
 
 
@@ -47,7 +48,7 @@ def test_auto_batch_never_plans_over_max_memory():
 
 def test_max_memory_is_not_part_of_the_job_identity():
     a = JobConfig(prompts=("x",), batch_size=4)
-    assert fingerprint(a) == fingerprint(a.replace(max_memory=12.0))
+    assert a.fingerprint() == a.replace(max_memory=12.0).fingerprint()
     with pytest.raises(ConfigError, match="--max-memory"):
         a.replace(max_memory=-1.0).validate()
 
@@ -82,12 +83,14 @@ def test_launch_refuses_shares_that_cannot_fit(prompt_file, tmp_path):
 
 
 def test_run_encodes_frees_then_loads_and_records_peak(prompt_file, tmp_path):
+    from calibjob import api
     from calibjob.config import JobConfig
-    from calibjob.status import store_status
-    from calibjob.store import Store
-    from calibjob.worker import resolve_config, run_shard
+    from calibjob.core.shards import ALL
+    from calibjob.core.status import store_status
+    from calibjob.jobs import open_store
+    from calibjob.jobs.run import RUN
 
-    cfg = resolve_config(
+    cfg = (
         JobConfig(
             model_version="tiny",
             num_fid_samples=3,
@@ -97,11 +100,11 @@ def test_run_encodes_frees_then_loads_and_records_peak(prompt_file, tmp_path):
             batch_size=1,
         )
     )
-    res = run_shard(cfg, tmp_path / "s.zarr", show_progress=False)
+    res = api.run(RUN, cfg, str(tmp_path / "s.zarr"), [ALL], progress=False)
     # text encoders alone, encode, free; then the MMDiT alone
     assert list(res.phases) == ["load_text", "encode", "load_mmdit", "denoise"]
     assert all(gb > 0 for _, gb in res.phases.values())
-    rows = store_status(Store.open(tmp_path / "s.zarr", mode="r")).rows
+    rows = store_status(open_store(tmp_path / "s.zarr", mode="r")).rows
     assert rows[0].peak_memory_gb is not None and rows[0].peak_memory_gb > 0
     out = cli("status", str(tmp_path / "s.zarr"), check=False).stdout
     assert "peak GB" in out

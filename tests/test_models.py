@@ -80,10 +80,10 @@ def test_sd3_without_weights_is_one_clear_error(tmp_path):
     # the hub's own words, whole: its first sentence, never cut mid-word
     assert re.search(r"\(\w+: [^()]*[.!?]\) Log in", lines[-1]), lines[-1]
     # a store is never removed (another shard may share it): it is left clean and empty
-    from calibjob.store import Store
+    from calibjob.jobs import open_store
 
-    st = Store.open(store, mode="r")
-    assert not st.encoded and not st.done_mask().any()
+    st = open_store(store, mode="r")
+    assert not st.prepared and not st.done_mask().any()
 
 
 @pytest.mark.parametrize("ff", ["gated-gelu", "relu"])

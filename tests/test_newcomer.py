@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, assert_same_npz, cli, popen
 from test_job import done_count, flags, merge, tree_digest
 
-from calibjob.store import Store
+from calibjob.jobs import open_store, store_exists
 
 
 def one_line_error(stderr: str) -> str:
@@ -38,7 +38,7 @@ def test_run_refuses_a_folder_that_is_not_a_store(prompt_file, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     cli("run", *flags(prompt_file), "--store", str(empty))  # an empty folder is fine
-    assert Store.exists(empty)
+    assert store_exists(empty)
 
 
 # ---- 2. one store per machine -----------------------------------------------------------------
@@ -92,7 +92,7 @@ def test_ctrl_c_and_sigterm_at_any_moment_say_one_line(sig, moment, baseline, pr
     if moment == "mid-run":
         assert "trajectories are safe in" in lines[0] and "calibjob resume" in lines[0]
         assert not [f for f in (store / "claims").iterdir() if f.name.isdigit()]
-    if Store.exists(store):
+    if store_exists(store):
         cli("resume", str(store), "--no-progress")
         a = merge(store, tmp_path / "a.npz")
         b1 = tmp_path / "b1.zarr"
@@ -172,7 +172,7 @@ def test_run_status_and_log_lines_report_one_throughput(prompt_file, tmp_path):
     # denoising throughput: model load and prompt encoding do not count
     assert rate > steps / wall * 1.2, (rate, steps / wall)
     assert "wall time" in line and "6 trajectories in 6 units" in line
-    recorded = Store.open(store, mode="r").progress()["0/1"]["traj_steps_per_s"]
+    recorded = open_store(store, mode="r").progress()["0/1"]["rate"]
     assert abs(recorded - rate) / rate < 0.25, (recorded, rate)
     st = cli("status", str(store))
     assert "traj-steps/s" in st.stdout and f"{recorded:.1f}" in st.stdout
@@ -259,4 +259,4 @@ def test_a_log_file_shows_progress_lines(prompt_file, tmp_path):
     for ln in lines:
         assert "traj-steps/s" in ln and "ETA" in ln and "peak memory" in ln and "GB" in ln
     assert "\r" not in text and "━" not in text and "█" not in text
-    assert Store.open(tmp_path / "log.zarr", mode="r").done_mask().all()
+    assert open_store(tmp_path / "log.zarr", mode="r").done_mask().all()

@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 
 from calibjob.errors import ConfigError
-from calibjob.store import Store
+from calibjob.jobs import open_store
 
 
 @pytest.fixture(scope="module")
 def model(dry_run):
     from calibjob import models
 
-    cfg = Store.open(dry_run[0], mode="r").config
+    cfg = open_store(dry_run[0], mode="r").config
     return models.load(cfg.model_version, shift=cfg.shift, dtype=cfg.dtype, text_encoders=False)
 
 
@@ -28,7 +28,7 @@ def test_final_latent_is_the_engines(dry_run, model):
     from calibjob.engine import Engine
     from calibjob.preview import final_latents
 
-    st = Store.open(dry_run[0], mode="r")
+    st = open_store(dry_run[0], mode="r")
     cfg = st.config
     cs, cs_pooled = st.conditioning()
     ks = [0, 5, 7]
@@ -38,7 +38,7 @@ def test_final_latent_is_the_engines(dry_run, model):
     for k, mine in zip(ks, ours, strict=True):
         p = k % len(cfg.prompts)
         xs, final = engine.run_unit(p, [k], cs[p], cs_pooled[p])
-        np.testing.assert_allclose(xs[0], st.read_trajectory(k), atol=1e-5)
+        np.testing.assert_allclose(xs[0], st.read_row("xs", k), atol=1e-5)
         np.testing.assert_allclose(mine, final[0], atol=1e-5)
     engine.release_prompt()
 
@@ -63,7 +63,7 @@ def test_preview_writes_a_captioned_grid(dry_run, tmp_path):
 def test_preview_refuses_trajectories_not_done(dry_run):
     from calibjob.preview import choose_trajectories
 
-    st = Store.open(dry_run[0], mode="r")
+    st = open_store(dry_run[0], mode="r")
     with pytest.raises(ConfigError, match="outside 0..7"):
         choose_trajectories(st, "1,8", 16)
     assert choose_trajectories(st, None, 3) == [0, 1, 2]
@@ -102,7 +102,7 @@ def test_batch_through_mmdit_reproduces_the_engines_step(dry_run, model):
     from calibjob.preview import euler_step
 
     store, npz = dry_run
-    st = Store.open(store, mode="r")
+    st = open_store(store, mode="r")
     cal = CalibrationSet(npz, batch_size=4)
     with np.load(npz) as f:
         steps, trajs, sigmas = f["step_indices"], f["trajectory_indices"], f["sigmas"]
@@ -114,7 +114,7 @@ def test_batch_through_mmdit_reproduces_the_engines_step(dry_run, model):
     assert out.shape == batch[0].shape
     x_next = np.array(euler_step(model, batch[0][: len(idx)], out, sigmas[s], sigmas[s + 1],
                                  st.config.cfg_scale))
-    want = np.stack([st.read_trajectory(int(k))[s + 1] for k in trajs[idx]])
+    want = np.stack([st.read_row("xs", int(k))[s + 1] for k in trajs[idx]])
     np.testing.assert_allclose(x_next, want, atol=1e-5)
     # the weights are back: the same batch gives the same output again
     np.testing.assert_allclose(np.array(run_mmdit(model.mmdit, batch)), np.array(out), atol=1e-6)

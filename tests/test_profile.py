@@ -26,14 +26,16 @@ UNITS = 6
 
 @pytest.fixture(scope="module")
 def calib_set(tmp_path_factory, prompt_file) -> Path:
+    from calibjob import api
     from calibjob.config import JobConfig
+    from calibjob.core.shards import ALL
+    from calibjob.jobs.run import RUN
     from calibjob.merge import merge
-    from calibjob.worker import resolve_config, run_shard
 
     root = tmp_path_factory.mktemp("profile-set")
     store, npz = root / "set.zarr", root / "set.npz"
     cfg = JobConfig(model_version="tiny", prompt_file=str(prompt_file), **SET)
-    run_shard(resolve_config(cfg, store), store, show_progress=False)
+    api.run(RUN, cfg, str(store), [ALL], progress=False)
     merge([store], npz)
     return npz
 
@@ -156,11 +158,12 @@ def test_every_statistic_matches_a_per_point_reference(one_shard, reference):
 
 def test_float32_partial_sums_stay_within_1e6_of_the_magnitudes(calib_set, reference):
     """The GPU's path (no float64 there): float32 per batch, float64 across batches."""
+    from calibjob.profile.worker import read_set
+
     from calibjob.models import load as load_model
     from calibjob.profile.forward import Profiler
     from calibjob.profile.plan import plan_units, select_points
     from calibjob.profile.stats import TapStats
-    from calibjob.profile.worker import read_set
 
     cal = read_set(calib_set)
     model = load_model("tiny", text_encoders=False)
@@ -203,21 +206,23 @@ def test_unified_blocks_are_profiled_as_uni_layers(tmp_path, calib_set):
     from diffusionkit.mlx.mmdit import MMDiT
     from diffusionkit.mlx.sampler import ModelSamplingDiscreteFlow
 
+    from calibjob import api
+    from calibjob.core.shards import ALL
+    from calibjob.data import read_set
+    from calibjob.jobs import open_store
     from calibjob.models import Model
     from calibjob.models.tiny import _seeded, mmdit_config
-    from calibjob.profile.store import ProfileStore
-    from calibjob.profile.worker import profile_shard, read_set, resolve_job
 
     config = dataclasses.replace(mmdit_config(mx.float32, depth=1), depth_unified=1)
     mmdit = _seeded(lambda: MMDiT(config), 5, mx.float32)
     model = Model("tiny", mmdit, ModelSamplingDiscreteFlow(shift=3.0), None, "float32")
     cal = read_set(calib_set)
-    job = resolve_job(cal, tmp_path / "u.zarr", num_samples=6, batch_size=2)
-    profile_shard(cal, job, tmp_path / "u.zarr", show_progress=False, model=model)
+    api.profile(calib_set, str(tmp_path / "u.zarr"), ALL, progress=False, model=model,
+                num_samples=6, batch_size=2)
     prof = load(tmp_path / "u.zarr")
     assert prof.layers == ["mm_00_img", "mm_00_txt", "uni_00"]
     assert len(prof.keys()) == 12
-    assert ProfileStore.open(tmp_path / "u.zarr").meta["taps"][-1] == ["uni_00", "fc2_in", 128]
+    assert open_store(tmp_path / "u.zarr").meta["taps"][-1] == ["uni_00", "fc2_in", 128]
     # the reference over the same 6 points
     sub = tmp_path / "sub.npz"
     points = np.sort(np.array([i for i in range(cal.ts.size)])[
@@ -259,10 +264,10 @@ def done_units(store: Path) -> list[int]:
     d = store / "done" / "c"
     if not d.is_dir():
         return []
-    from calibjob.profile.store import ProfileStore
+    from calibjob.jobs import open_store
 
     try:
-        return np.flatnonzero(ProfileStore.open(store, mode="r").done_mask()).tolist()
+        return np.flatnonzero(open_store(store, mode="r").done_mask()).tolist()
     except Exception:  # noqa: BLE001  (mid-creation)
         return []
 
@@ -316,7 +321,7 @@ def test_corrupt_unit_is_recomputed(one_shard, calib_set, tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     res = cli("profile", str(calib_set), "--store", str(store), *PROFILE_FLAGS)
-    assert "in 1 units" in res.stdout and "[4]" in res.stderr
+    assert "in 1 unit," in res.stdout and "(4)" in res.stderr
     assert_bit_identical(store, one_shard)
 
 
@@ -380,8 +385,9 @@ def test_older_file_with_model_version_profiles_like_the_new_one(one_shard, cali
 
 
 def test_num_samples_takes_a_seeded_subset_spread_over_timesteps(calib_set, tmp_path):
-    from calibjob.profile.plan import select_points
     from calibjob.profile.worker import read_set
+
+    from calibjob.profile.plan import select_points
 
     ts = read_set(calib_set).ts
     a, b = select_points(ts, 10, 0), select_points(ts, 10, 0)

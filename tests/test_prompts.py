@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import cli, load_npz
 
+from calibjob.core.store import JobStore
 from calibjob.errors import ConfigError
+from calibjob.jobs import open_store
 from calibjob.prompts import read_prompts
-from calibjob.store import Store
 
 THINGS = ("cats on a sofa", "boats, at dusk", 'signs saying "stop"', "trains")
 CAPTIONS = [f"a photo of {n} {t}" for n in ("one", "two", "three", "four", "five") for t in THINGS]
@@ -27,13 +28,13 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]], sep: str = "
     return path
 
 
-def tiny_run(prompt_file: Path, store: Path, *extra: str, n: int = 2) -> Store:
+def tiny_run(prompt_file: Path, store: Path, *extra: str, n: int = 2) -> JobStore:
     cli(
         "run", "--model-version", "tiny", "--prompt-file", str(prompt_file),
         "--num-fid-samples", str(n), "--num-sampling-steps", "2", "--num-selected-steps", "2",
         "--store", str(store), "--no-progress", *extra,
     )  # fmt: skip
-    return Store.open(store, mode="r")
+    return open_store(store, mode="r")
 
 
 # ---- each format ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import zarr
 from conftest import ROOT, assert_same_npz, cli, popen
 from test_job import done_count, flags, merge
 
-from calibjob.store import Store
+from calibjob.jobs import open_store, store_exists
 
 FAULTS = str(ROOT / "tests" / "faults.py")
 
@@ -64,7 +64,7 @@ def test_a_failing_shard_leaves_the_shared_store_and_the_healthy_shard_alone(
     broken = faulty(*args, "--shard", "1/2",
                     faults=("--load-fails", "--fail-when", str(trigger)))  # fmt: skip
     deadline = time.monotonic() + 60
-    while not Store.exists(store) and time.monotonic() < deadline:
+    while not store_exists(store) and time.monotonic() < deadline:
         time.sleep(0.01)
     healthy = popen(*args, "--shard", "0/2")
     maps = Path(f"/proc/{healthy.pid}/maps")
@@ -77,7 +77,7 @@ def test_a_failing_shard_leaves_the_shared_store_and_the_healthy_shard_alone(
     _, herr = healthy.communicate(timeout=300)
     assert broken.returncode == 2 and "no weights here" in one_line_error(berr)
     assert healthy.returncode == 0, herr
-    assert Store.exists(store)
+    assert store_exists(store)
     cli("run", *flags(prompt_file), "--store", str(store), "--shard", "1/2")
     assert_same_npz(merge(store, tmp_path / "m.npz"), baseline[1])
 
@@ -88,10 +88,10 @@ def test_a_model_that_fails_on_a_new_store_leaves_a_clean_empty_store(prompt_fil
     p = faulty(*args, faults=("--load-fails",))
     _, errout = p.communicate(timeout=120)
     assert p.returncode == 2 and "no weights here" in one_line_error(errout)
-    st = Store.open(store, mode="r")
-    assert not st.encoded and not st.done_mask().any()
+    st = open_store(store, mode="r")
+    assert not st.prepared and not st.done_mask().any()
     cli(*args)  # the same command on a machine with the weights continues there
-    assert Store.open(store, mode="r").done_mask().all()
+    assert open_store(store, mode="r").done_mask().all()
 
 
 # ---- 2. damaged markers, conditioning and metadata: one line, and resume repairs --------------
@@ -251,7 +251,7 @@ def test_launch_again_does_not_start_a_second_copy_of_live_shards(prompt_file, t
         deadline = time.monotonic() + 300
         while Path(f"/proc/{e['job_id']}").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-    assert Store.open(store, mode="r").done_mask().all()
+    assert open_store(store, mode="r").done_mask().all()
 
 
 # ---- 4. a kill in the first milliseconds ----------------------------------------------------
@@ -259,7 +259,7 @@ def test_launch_again_does_not_start_a_second_copy_of_live_shards(prompt_file, t
 
 def test_a_store_killed_before_its_arrays_is_read_as_empty(prompt_file, tmp_path):
     from calibjob.config import JobConfig
-    from calibjob.store import FORMAT
+    from calibjob.core.store import FORMAT
 
     store = tmp_path / "half.zarr"
     cfg = JobConfig(
@@ -320,7 +320,7 @@ def test_a_kill_with_a_slow_disk_loses_at_most_one_finished_unit(b1, prompt_file
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     computed = {t for _, t in _computed(log)}
-    durable = {str(k) for k in np.flatnonzero(Store.open(store, mode="r").done_mask())}
+    durable = {str(k) for k in np.flatnonzero(open_store(store, mode="r").done_mask())}
     assert len(durable) >= 3
     assert len(computed - durable) <= 1, (computed, durable)
     cli("resume", str(store), "--no-progress")
@@ -341,11 +341,11 @@ def test_full_disk_while_encoding_says_what_to_do(prompt_file, tmp_path):
         proc = cli("run", *flags(prompt_file), "--store", str(store), check=False)
         line = one_line_error(proc.stderr)
         assert "disk full" in line and "prompt conditioning" in line and "resume" in line
-        assert not Store.open(store, mode="r").encoded
+        assert not open_store(store, mode="r").prepared
         subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
         cli("resume", str(store), "--no-progress")
-        assert Store.open(store, mode="r").done_mask().all()
-        assert np.isfinite(Store.open(store, mode="r").conditioning()[0]).all()
+        assert open_store(store, mode="r").done_mask().all()
+        assert np.isfinite(open_store(store, mode="r").read_prepared("cs")).all()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
@@ -374,4 +374,4 @@ def test_a_kill_while_a_progress_record_is_replaced_keeps_the_record(prompt_file
     st = cli("status", str(store), check=False)
     assert st.returncode == 1 and "missing trajectories" in st.stdout, st.stdout
     assert "complete here" not in st.stdout
-    assert {"0/1", "0/3"} <= set(Store.open(store, mode="r").progress())
+    assert {"0/1", "0/3"} <= set(open_store(store, mode="r").progress())

@@ -18,7 +18,8 @@ import pytest
 from conftest import assert_same_npz, cli
 from scaleout import flags, free_port, kill_one_worker_mid_run, reference, start, wait_for
 
-from calibjob.store import LOCK_NAME, Store
+from calibjob.core.locations import LOCK_NAME
+from calibjob.jobs import open_store
 
 BUCKET = "calibjob-test"
 
@@ -77,7 +78,7 @@ def s3(tmp_path_factory):
 def test_s3_store_sigkill_stale_lock_resume_merge(s3, prompt_file, tmp_path_factory, tmp_path):
     import obstore
 
-    from calibjob.remote import object_store
+    from calibjob.core.objects import object_store
 
     ref = reference(prompt_file, tmp_path_factory.mktemp("reference"))
     url = f"s3://{BUCKET}/runs/job.zarr"
@@ -90,7 +91,7 @@ def test_s3_store_sigkill_stale_lock_resume_merge(s3, prompt_file, tmp_path_fact
     assert p.returncode == 1, out
     assert f"shard {shard}: failed" in out, out
     assert json.loads((logs / "launch.json").read_text())["store"] == url
-    done = Store.open(url, mode="r").done_mask()
+    done = open_store(url, mode="r").done_mask()
     assert 0 < done.sum() < len(done)
 
     st = cli("status", url, "--logs", str(logs), check=False, env=s3)
@@ -115,7 +116,7 @@ def test_object_lock_excludes_a_live_holder_and_takes_over_a_dead_one(s3):
     """The lock primitive itself, on the real server: create-if-absent, heartbeat, takeover."""
     import obstore
 
-    from calibjob.remote import ObjectLock, object_store
+    from calibjob.core.objects import ObjectLock, object_store
 
     url = f"s3://{BUCKET}/locks"
     a = ObjectLock(url, "L", ttl_s=1.0)

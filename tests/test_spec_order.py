@@ -23,8 +23,9 @@ LATENT = (32, 32)
 @pytest.fixture(scope="module")
 def spec_file() -> dict[str, np.ndarray]:
     """The arrays the spec's script would save for this job (tiny model, CPU float32)."""
-    from calibjob.models import load
     from spec_loop import spec_trajectory
+
+    from calibjob.models import load
 
     model = load("tiny", shift=3.0)
     pairs = [model.encode([p]) for p in PROMPTS]  # the spec encodes one prompt at a time
@@ -104,20 +105,24 @@ def _synthetic_store(path: Path, prompts: int, tokens: int, dim: int) -> tuple[P
     """A complete store of 4 trajectories x 2 steps whose conditioning is large (random data,
     the shapes are what matter); returns it and the bytes of its cs."""
     from calibjob.config import JobConfig
-    from calibjob.store import Store
+    from calibjob.core.store import JobStore
+    from calibjob.jobs.run import RUN
 
     cfg = JobConfig(
         model_version="tiny", num_fid_samples=4, num_sampling_steps=2, num_selected_steps=2,
         prompts=tuple(f"prompt {i}" for i in range(prompts)), batch_size=1, dtype="float32",
         compile="off",
     )  # fmt: skip
-    st = Store.create_or_open(path, cfg)
+    st = JobStore.create_or_open(path, RUN, cfg)
     rng = np.random.default_rng(0)
     cs = rng.standard_normal((prompts, 2, tokens, dim), dtype=np.float32)
     pooled = rng.standard_normal((prompts, 2, 64), dtype=np.float32)
-    st.write_conditioning(cs, pooled, np.array([1.0, 0.5, 0.0], np.float32),
-                          np.array([1000.0, 500.0], np.float32))  # fmt: skip
-    st.write_trajectories(list(range(4)), rng.standard_normal((4, 2, 32, 32, 16), np.float32))
+    st.write_prepared({"cs": cs, "cs_pooled": pooled,
+                       "sigmas": np.array([1.0, 0.5, 0.0], np.float32),
+                       "ts": np.array([1000.0, 500.0], np.float32)},
+                      row_chunked={"cs", "cs_pooled"})  # fmt: skip
+    xs = rng.standard_normal((4, 2, 32, 32, 16), np.float32)
+    st.write_rows(list(range(4)), {"xs": xs}, 300.0)
     return path, cs.nbytes
 
 
@@ -127,8 +132,8 @@ def test_merge_memory_does_not_grow_with_the_prompts(tmp_path: Path):
     cs is the store's."""
     import tracemalloc
 
+    from calibjob.jobs import open_store
     from calibjob.merge import merge
-    from calibjob.store import Store
 
     store, cs_bytes = _synthetic_store(tmp_path / "big.zarr", prompts=48, tokens=256, dim=1024)
     out = tmp_path / "big.npz"
@@ -140,6 +145,6 @@ def test_merge_memory_does_not_grow_with_the_prompts(tmp_path: Path):
         tracemalloc.stop()
     assert cs_bytes == 48 * 2 * 256 * 1024 * 4
     assert peak < cs_bytes / 8, f"merge peaked at {peak / 1e6:.1f} MB for {cs_bytes / 1e6:.0f} MB"
-    cs, pooled = Store.open(store, mode="r").conditioning()
+    cs, pooled = open_store(store, mode="r").conditioning()
     got = load_npz(out)
     assert np.array_equal(got["cs"], cs) and np.array_equal(got["cs_pooled"], pooled)

@@ -20,7 +20,7 @@ def __getattr__(name: str):
     """`load`, `Profile`, `TapStats` on first use: the CLI imports this package for its
     commands, and `calibjob --help` should not pay for Zarr."""
     if name in __all__:
-        from calibjob.profile import stats
+        import calibjob.profile.stats as stats
 
         return getattr(stats, name)
     raise AttributeError(f"module 'calibjob.profile' has no attribute {name!r}")

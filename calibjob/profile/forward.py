@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+import calibjob.profile.taps as taps_mod
 from calibjob.device import mx  # mlx.core, after the OpenBLAS preload
 from calibjob.engine import (
     SEGMENT_BLOCKS,
@@ -28,9 +29,7 @@ from calibjob.engine import (
     modulation_params,
     slots_installed,
 )
-from calibjob.profile import taps as taps_mod
-from calibjob.profile.plan import ProfileUnit
-from calibjob.profile.store import UnitStats
+from calibjob.profile.plan import ProfileUnit, UnitStats
 
 # keep every prompt's conditioning on the device when all of them take at most this much
 COND_CACHE_BYTES = 2 << 30

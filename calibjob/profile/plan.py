@@ -5,7 +5,7 @@ within a timestep by prompt (file order within a prompt). A batch is up to `batc
 of one (timestep, prompt): one MMDiT call with a CFG batch of 2B rows, as during generation.
 A unit is consecutive batches of one timestep holding at most `unit_points` points: its partial
 statistics are written to the store as one piece. Units depend on the set and the job alone,
-never on the shard count: shard i/n takes units i, i+n, ... (calibjob.shards.Shard).
+never on the shard count: shard i/n takes units i, i+n, ... (calibjob.core.shards.Shard).
 
 `num_samples` takes a seeded subset spread over the timesteps in proportion to their points
 (largest remainders; ties in denoising order), so every timestep keeps its share.
@@ -13,15 +13,14 @@ never on the shard count: shard i/n takes units i, i+n, ... (calibjob.shards.Sha
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from calibjob.config import PROFILE_HIST_BINS, PROFILE_HIST_RANGE, PROFILE_UNIT_POINTS
+from calibjob.core.spec import Spec
 from calibjob.errors import ConfigError
 
 # the four linear-layer inputs recorded per stream (see calibjob.profile.taps)
@@ -29,7 +28,7 @@ INPUTS = ("qkv_in", "o_in", "fc1_in", "fc2_in")
 
 
 @dataclass(frozen=True)
-class ProfileJob:
+class ProfileJob(Spec):
     """Everything that fixes a profile's numbers (and, last, what only says where things are)."""
 
     calib_hash: str  # blake2b of the calibration file's bytes
@@ -75,34 +74,28 @@ class ProfileJob:
             raise ConfigError("histogram bins per unit must be an even power of two")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ProfileJob:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown profile job field(s): {', '.join(unknown)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> ProfileJob:
-        return dataclasses.replace(self, **changes)
 
 
-IDENTITY_FIELDS = tuple(
-    f.name for f in dataclasses.fields(ProfileJob) if f.name not in ("calib_file", "local_ckpt")
+ProfileJob.IDENTITY = tuple(
+    k for k in ProfileJob.__dataclass_fields__ if k not in ("calib_file", "local_ckpt")
 )
+# job fields a store fixes once resolved; a later run that leaves them open adopts them
+ProfileJob.AUTO = {"batch_size": 0, "compile": "auto", "reduce_dtype": "auto", "dtype": "auto"}
+
+# the per-unit arrays of a profile store: partial statistics, every tap side by side
+ARRAYS = ("sum", "sumsq", "min", "max", "hist", "rows")
 
 
-def fingerprint(job: ProfileJob) -> str:
-    d = job.to_dict()
-    blob = json.dumps({k: d[k] for k in IDENTITY_FIELDS}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+@dataclass(frozen=True)
+class UnitStats:
+    """One unit's partial statistics, every tap side by side."""
 
-
-def differing_fields(a: ProfileJob, b: ProfileJob) -> list[str]:
-    da, db = a.to_dict(), b.to_dict()
-    return [k for k in IDENTITY_FIELDS if da[k] != db[k]]
+    sum: np.ndarray  # (C,) float64
+    sumsq: np.ndarray  # (C,) float64
+    min: np.ndarray  # (C,) float32
+    max: np.ndarray  # (C,) float32
+    hist: np.ndarray  # (taps, B+3) int64: [below, B bins, above, NaN] per tap
+    rows: np.ndarray  # (taps,) int64: rows (tokens x CFG rows) each tap saw
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -132,6 +125,11 @@ class ProfileUnit:
     @property
     def num_points(self) -> int:
         return sum(len(b.points) for b in self.batches)
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """A profile unit is one row of the store."""
+        return (self.index,)
 
 
 def timesteps_of(ts: np.ndarray) -> np.ndarray:

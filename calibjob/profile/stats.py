@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from calibjob.errors import ConfigError
-from calibjob.profile.store import ProfileStore
+from calibjob.profile.plan import ARRAYS, UnitStats
 
 
 @dataclass
@@ -100,18 +100,25 @@ class Profile:
 
 def load(path: str | Path) -> Profile:
     """The statistics of a complete profile store (one line if it is not complete)."""
-    store = ProfileStore.open(path, mode="r")
+    from calibjob.core.store import OtherJob
+    from calibjob.jobs import open_store
+    from calibjob.jobs.profile import PROFILE
+
+    store = open_store(path, mode="r")
+    if store.job is not PROFILE:
+        raise OtherJob(str(path), store.job.name, PROFILE.store_noun)
     done = store.done_mask()
+    num_units = len(done)
     if not done.all():
         left = np.flatnonzero(~done)
         raise ConfigError(
-            f"{path} is incomplete: {len(left)} of {store.num_units} units left; run the same "
-            f"`calibjob profile` command again (any shard) to finish it"
+            f"{path} is incomplete: {len(left)} of {num_units} units left; continue it with "
+            f"`calibjob resume {path}`"
         )
-    job = store.job
-    taps = store.taps
-    tvals = store.timesteps
-    unit_t = store.unit_timesteps
+    job = store.config
+    taps = [(str(a), str(b), int(c)) for a, b, c in store.meta["taps"]]
+    tvals = np.array(store.meta["timesteps"], dtype=np.float64)
+    unit_t = np.array(store.meta["unit_timesteps"], dtype=np.int64)
     bins = job.hist_bins
     t_n, c_total = len(tvals), sum(c for _, _, c in taps)
     tot_sum = np.zeros((t_n, c_total))
@@ -120,8 +127,8 @@ def load(path: str | Path) -> Profile:
     tot_max = np.full((t_n, c_total), -np.inf, np.float32)
     tot_hist = np.zeros((t_n, len(taps), bins + 3), np.int64)
     tot_rows = np.zeros((t_n, len(taps)), np.int64)
-    for u in range(store.num_units):  # fixed order: unit index
-        st = store.read_unit(u)
+    for u in range(num_units):  # fixed order: unit index
+        st = UnitStats(**{name: store.read_row(name, u) for name in ARRAYS})
         ti = unit_t[u]
         tot_sum[ti] += st.sum
         tot_sumsq[ti] += st.sumsq

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
+import calibjob.profile.kernel as kernel
 from calibjob.device import mx  # mlx.core, after the OpenBLAS preload
-from calibjob.profile import kernel
 from calibjob.profile.plan import INPUTS
 
 # where each input is captured: (attribute path under the TransformerBlock, layer attribute)

@@ -13,18 +13,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 EXIT_INTERRUPTED = 130
 
 _store: str | None = None
+_safe_line: Callable[[str], str] | None = None
 _graceful = False
 _stopping = False
 
 
-def watch_store(location: str | None) -> None:
-    """The store the message should report on."""
-    global _store
+def watch_store(location: str | None, safe_line: Callable[[str], str] | None = None) -> None:
+    """The store the message should report on, and how to say what in it is safe (given the
+    location; e.g. 'N of M trajectories are safe in STORE'), read when the signal comes."""
+    global _store, _safe_line
     _store = location
+    if safe_line is not None:
+        _safe_line = safe_line
 
 
 def set_graceful(on: bool) -> None:
@@ -38,14 +43,11 @@ def message() -> str:
     if _store is None:
         return "calibjob: interrupted"
     try:
-        from calibjob.store import Store
-
-        if not Store.exists(_store):
-            return f"calibjob: interrupted before the store {_store} was created; nothing written"
-        st = Store.open(_store, mode="r")
-        mask, _ = st.read_markers()
-        done, total = int(mask.sum()), len(mask)
-        safe = f"{done} of {total} trajectories are safe in {_store}"
+        if _safe_line is None:
+            raise LookupError
+        safe = _safe_line(_store)
+    except FileNotFoundError:
+        return f"calibjob: interrupted before the store {_store} was created; nothing written"
     except Exception:  # noqa: BLE001  (a damaged store: still one line)
         safe = f"finished units are safe in {_store}"
     return f"calibjob: interrupted: {safe}; continue with `calibjob resume {_store}`"

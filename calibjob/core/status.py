@@ -1,6 +1,7 @@
-"""Status of a store: done / total per shard, missing and damaged trajectories, throughput, ETA.
+"""Status of a store of any job: done / total per shard, missing and damaged rows, throughput,
+ETA, and each shard's state.
 
-Reads only markers, chunk sizes and the small per-shard progress records, never the latents
+Reads only markers, chunk sizes and the small per-shard progress records, never the data
 (unless asked to verify checksums), and imports no model code, so it answers at once even on
 a paper-scale store.
 
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from calibjob.claims import live_claims, pid_alive
-from calibjob.shards import ALL, Shard, parse_shard, work_units
-from calibjob.store import Store
+from calibjob.core.leases import DEFAULT_TTL_S, live_leases, pid_alive
+from calibjob.core.shards import ALL, Shard, parse_shard
+from calibjob.core.store import JobStore
 
 ACTIVE_WINDOW_S = 600.0  # a running shard that reported within this window may count as live
 
@@ -29,7 +30,7 @@ class ShardRow:
     shard: str
     done: int
     total: int
-    traj_steps_per_s: float | None
+    rate: float | None
     last_seen_s: float | None
     state: str  # running, finished, interrupted, running elsewhere, not run here, unknown
     peak_memory_gb: float | None = None  # the most MLX memory the shard's worker held
@@ -41,27 +42,27 @@ class Status:
     total: int
     missing: list[int]
     rows: list[ShardRow]
-    traj_steps_per_s: float
+    rate: float
     eta_s: float | None
-    encoded: bool
+    prepared: bool
     damaged: list[int] = field(default_factory=list)  # marked done, chunk missing or bad
     ran_here: list[str] = field(default_factory=list)
-    elsewhere: list[int] = field(default_factory=list)  # trajectories of shards not run here
+    elsewhere: list[int] = field(default_factory=list)  # rows of shards not run here
     live_workers: int = 0
-    conditioning_damaged: str | None = None  # the damaged file, if the conditioning is
+    prepared_damaged: str | None = None  # the damaged file, if a prepared array is
 
     @property
     def complete(self) -> bool:
-        return self.done == self.total and not self.damaged and not self.conditioning_damaged
+        return self.done == self.total and not self.damaged and not self.prepared_damaged
 
     @property
     def complete_here(self) -> bool:
         """Every shard that ran on this store is complete (the rest belong to other stores)."""
         missing_here = set(self.missing) - set(self.elsewhere)
-        return not missing_here and not self.damaged and not self.conditioning_damaged
+        return not missing_here and not self.damaged and not self.prepared_damaged
 
 
-def shards_run_here(store: Store) -> list[Shard]:
+def shards_run_here(store: JobStore) -> list[Shard]:
     """The shards whose workers ran on this store (from their progress records); [] if none
     recorded. A record of the whole job (0/1) makes it [ALL]."""
     out = []
@@ -76,19 +77,19 @@ def shards_run_here(store: Store) -> list[Shard]:
 
 
 def store_status(
-    store: Store, shards: list[str] | tuple[str, ...] = (), verify: bool = False
+    store: JobStore, shards: list[str] | tuple[str, ...] = (), verify: bool = False,
+    lease_ttl_s: float = DEFAULT_TTL_S,
 ) -> Status:
     """`shards`: shard names to show even before they report (e.g. those `launch` started).
     `verify`: read every done chunk and check its checksum (else only its size)."""
-    cfg = store.config
-    units = work_units(cfg.num_fid_samples, len(cfg.prompts), cfg.batch_size)
+    units = store.job.plain_units(store.config, store.meta)
     done, bad_markers = store.read_markers()
     done_ks = np.flatnonzero(done).tolist()
     bad = set(bad_markers) | set(store.bad_chunk_sizes(done_ks))
     if verify:  # the checksums of the chunks whose size was right
-        bad |= {k for k in done_ks if k not in bad and not store.chunk_ok(k)}
+        bad |= {k for k in done_ks if k not in bad and not store.row_ok(k)}
     damaged = sorted(bad)
-    cond = _conditioning_damage(store, verify) if store.encoded else None
+    cond = store.prepared_damage(verify) if store.prepared else None
     good = done.copy()
     good[damaged] = False
     progress = store.progress()
@@ -106,14 +107,14 @@ def store_status(
         specs = sorted(set(specs) | {Shard(i, n) for i in range(n)}, key=_by_count)
     if not specs:
         specs = [ALL]
-    claims = live_claims(store)
+    claims = live_leases(store.loc, lease_ttl_s)
     here_traj: set[int] = set()
     for sh in ran or [ALL]:
-        here_traj |= {k for u in sh.units(units) for k in u.trajectories}
+        here_traj |= {k for u in sh.units(units) for k in u.rows}
     now = time.time()
     rows, rate, live = [], 0.0, 0
     for sh in specs:
-        trajs = [k for u in sh.units(units) for k in u.trajectories]
+        trajs = [k for u in sh.units(units) for k in u.rows]
         info = progress.get(str(sh))
         shard_done = int(good[trajs].sum()) if trajs else 0
         if info is None:
@@ -124,11 +125,11 @@ def store_status(
             rows.append(ShardRow(str(sh), shard_done, len(trajs), None, None, "unknown"))
             continue
         seen = now - info["updated"] if "updated" in info else None
-        r = info.get("traj_steps_per_s")
+        r = info.get("rate", info.get("traj_steps_per_s"))
         state = str(info.get("state", "running"))
         if state == "running" and not _live(info, seen, claims, sh, units):
             state = "stopped"
-        if shard_done == len(trajs) and state in ("running", "stopped"):
+        if shard_done == len(trajs) and state in ("running", "stopped", "running elsewhere"):
             state = "finished"
         if state == "running":
             live += 1
@@ -139,30 +140,12 @@ def store_status(
         )
     missing = np.flatnonzero(~good).tolist()
     elsewhere = sorted(set(missing) - here_traj) if ran and ran != [ALL] else []
-    left_steps = len(missing) * cfg.num_sampling_steps
-    eta = left_steps / rate if rate > 0 and live else None
+    left = float(store.job.row_work(store.config, store.meta)[missing].sum())
+    eta = left / rate if rate > 0 and live else None
     return Status(
-        int(good.sum()), len(good), missing, rows, rate if live else 0.0, eta, store.encoded,
+        int(good.sum()), len(good), missing, rows, rate if live else 0.0, eta, store.prepared,
         damaged, [str(s) for s in ran], elsewhere, live, cond,
     )  # fmt: skip
-
-
-def _conditioning_damage(store: Store, verify: bool) -> str | None:
-    """The first damaged file of the conditioning: its metadata always, its chunks (read whole,
-    checksums checked) only when verifying."""
-    from calibjob.errors import StoreDamaged
-
-    try:
-        for name in ("cs", "cs_pooled", "sigmas", "ts"):
-            store.node(name)
-        if verify:
-            store.conditioning()
-            store.schedule()
-    except StoreDamaged as e:
-        return e.key
-    except KeyError as e:
-        return f"{e.args[0]} (missing)"
-    return None
 
 
 def _live(info: dict, seen: float | None, claims: dict, sh: Shard, units) -> bool:

@@ -1,8 +1,7 @@
-"""Work units and shard assignment: pure arithmetic, no model, no store.
+"""Shards: which units a worker takes. Pure arithmetic, no model, no store.
 
-A work unit is a list of trajectories that share a prompt (trajectory k uses prompt k % P),
-at most `batch_size` long. Units depend on the job config only, never on the shard count,
-so any sharding of the same job computes the very same batches, hence bit-identical data.
+Units depend on the job's spec only, never on the shard count, so any sharding of the same job
+computes the very same units, hence bit-identical data. Shard i/n takes units i, i+n, ...
 """
 
 from __future__ import annotations
@@ -10,29 +9,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 from calibjob.errors import ConfigError
 
-
-@dataclass(frozen=True)
-class Unit:
-    """One batched model run: trajectories of one prompt."""
-
-    index: int
-    prompt: int
-    trajectories: tuple[int, ...]
-
-
-def work_units(num_trajectories: int, num_prompts: int, batch_size: int) -> list[Unit]:
-    """Cut trajectories 0..N-1 into units: grouped by prompt, in trajectory order, <= batch_size."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be resolved to a positive number first")
-    units: list[Unit] = []
-    for p in range(min(num_prompts, num_trajectories)):
-        trajs = list(range(p, num_trajectories, num_prompts))
-        for start in range(0, len(trajs), batch_size):
-            units.append(Unit(len(units), p, tuple(trajs[start : start + batch_size])))
-    return units
+U = TypeVar("U")
 
 
 @dataclass(frozen=True)
@@ -45,7 +26,7 @@ class Shard:
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
 
-    def units(self, units: list[Unit]) -> list[Unit]:
+    def units(self, units: list[U]) -> list[U]:
         return units[self.index :: self.count]
 
 

@@ -1,9 +1,10 @@
 """A worker's progress: one definition of throughput, shown as a bar on a terminal and as plain
 log lines elsewhere (nohup, Slurm, `> run.log 2>&1`).
 
-Throughput is denoising throughput everywhere (the bar, the log lines, `run`'s summary, the
-store's progress record that `status` reads): trajectory-steps computed per second of the unit
-loop, from its first unit on, so model load and prompt encoding never count.
+Throughput is the job's work per second of the unit loop, from its first unit on, so model load
+and preparation never count; the job names its unit of work (`traj-steps/s` for `run`,
+`points/s` for `profile`) and that one label is used by the bar, the log lines, the summary and
+the progress record that `status` reads.
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ import sys
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from calibjob.core.words import fmt_eta, plural
 
 LOG_EVERY_S = 30.0
-THROUGHPUT = "traj-steps/s"  # trajectory-steps per second of denoising: the one label
-
-
-def plural(n: int, word: str) -> str:
-    """'1 unit', '2 units', '1 trajectory', '3 trajectories'."""
-    if n == 1:
-        return f"{n} {word}"
-    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
 
 
 def peak_memory_gb() -> float:
@@ -38,42 +33,38 @@ def peak_memory_gb() -> float:
         return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
-def fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 class ShardProgress:
-    """Counts a shard's denoising steps and shows them (bar, log lines, or nothing)."""
+    """Counts a shard's rows and work and shows them (bar, log lines, or nothing)."""
 
     def __init__(
         self,
         shard: str,
-        trajectories: int,
-        steps_per_trajectory: int,
+        rows: int,
+        work: int,
         mode: bool | None,
         console: Console,
+        *,
+        row_word: str = "trajectory",
+        label: str = "traj-steps/s",
     ):
-        self.shard, self.ntraj, self.steps = shard, trajectories, steps_per_trajectory
+        self.shard, self.nrows, self.work = shard, rows, work
+        self.row_word, self.label = row_word, label
         self.console = console
         tty = console.file.isatty() if hasattr(console.file, "isatty") else False
         # None: a bar on a terminal, log lines otherwise; --progress forces the bar,
         # --no-progress silences both
         self.bar = (mode is None and tty) or mode is True
         self.lines = mode is None and not tty
-        self.done_steps = 0
-        self.done_traj = 0
+        self.done_work = 0
+        self.done_rows = 0
         self.t0: float | None = None
         self._last_line = -1e9
+        rows_word = plural(2, row_word).split(" ", 1)[1]
         self._progress = Progress(
             TextColumn("[bold]shard {task.fields[shard]}"),
             BarColumn(),
-            TextColumn("{task.fields[traj]}/{task.fields[ntraj]} trajectories"),
-            MofNCompleteColumn(),
-            TextColumn("steps, {task.fields[rate]} " + THROUGHPUT + ", ETA {task.fields[eta]}"),
+            TextColumn("{task.fields[rows]}/{task.fields[nrows]} " + rows_word),
+            TextColumn("{task.fields[rate]} " + label + ", ETA {task.fields[eta]}"),
             TimeElapsedColumn(),
             console=console,
             disable=not self.bar,
@@ -83,9 +74,8 @@ class ShardProgress:
     def __enter__(self) -> ShardProgress:
         self._progress.__enter__()
         self._task = self._progress.add_task(
-            "run", total=self.ntraj * self.steps, shard=self.shard, traj=0, ntraj=self.ntraj,
-            rate="-", eta="-",
-        )  # fmt: skip
+            "run", total=self.work, shard=self.shard, rows=0, nrows=self.nrows, rate="-", eta="-"
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -97,41 +87,43 @@ class ShardProgress:
 
     @property
     def rate(self) -> float:
-        """Denoising throughput so far (trajectory-steps per second)."""
-        if self.t0 is None or self.done_steps == 0:
+        """Throughput so far (work per second of the unit loop)."""
+        if self.t0 is None or self.done_work == 0:
             return 0.0
-        return self.done_steps / max(time.perf_counter() - self.t0, 1e-9)
+        return self.done_work / max(time.perf_counter() - self.t0, 1e-9)
 
     @property
     def eta_s(self) -> float | None:
         r = self.rate
-        return (self.ntraj * self.steps - self.done_steps) / r if r > 0 else None
+        return (self.work - self.done_work) / r if r > 0 else None
 
     def step(self, n: int) -> None:
-        """n trajectory-steps computed (called once per Euler step: only the bar needs more)."""
-        self.done_steps += n
+        """n units of work done (called often: only the bar needs more than a sum)."""
+        self.done_work += n
         if self.bar:
             self._progress.update(
                 self._task, advance=n, rate=f"{self.rate:.1f}", eta=fmt_eta(self.eta_s)
             )
 
-    def skip(self, trajectories: int) -> None:
+    def skip(self, rows: int, work: int) -> None:
         """A unit another worker took or finished meanwhile: it leaves the totals."""
-        self.ntraj -= trajectories
+        self.nrows -= rows
+        self.work -= work
         self._progress.update(
-            self._task, total=self.ntraj * self.steps, ntraj=self.ntraj, eta=fmt_eta(self.eta_s)
+            self._task, total=self.work, nrows=self.nrows, eta=fmt_eta(self.eta_s)
         )
 
-    def unit_done(self, trajectories: int, last: bool) -> None:
-        """A unit's trajectories are computed (its write may still be under way)."""
-        self.done_traj += trajectories
-        self._progress.update(self._task, traj=self.done_traj)
+    def unit_done(self, rows: int, last: bool) -> None:
+        """A unit's rows are computed (its write may still be under way)."""
+        self.done_rows += rows
+        self._progress.update(self._task, rows=self.done_rows)
         now = time.perf_counter()
         if self.lines and (last or now - self._last_line >= LOG_EVERY_S):
             self._last_line = now
+            done = plural(self.nrows, self.row_word).split(" ", 1)[1]
             print(
-                f"calibjob: shard {self.shard}: {self.done_traj}/{self.ntraj} trajectories, "
-                f"{self.rate:.1f} {THROUGHPUT}, ETA {fmt_eta(self.eta_s)}, "
+                f"calibjob: shard {self.shard}: {self.done_rows}/{self.nrows} {done}, "
+                f"{self.rate:.1f} {self.label}, ETA {fmt_eta(self.eta_s)}, "
                 f"peak memory {peak_memory_gb():.2f} GB",
                 file=self.console.file,
                 flush=True,

@@ -1,12 +1,12 @@
-"""`calibjob launch`: a job's shards as N local worker processes or one Slurm job array.
+"""Launching a job's shards: N local worker processes or one Slurm job array, for any job.
 
-Built on submitit, which pickles a call of `run_task` (the same work as `calibjob run --shard
-i/n`) into a log folder and runs it in a process it starts (`local`) or in a Slurm array task
-(`slurm`). Nothing here talks to the workers: the store is the only shared state, so launching
-again on a store submits only the shards that still have work, and each of those skips what
-is done. What was launched, and where its logs are, goes to LOGDIR/launch.json, from which
-`calibjob status` tells finished, running and failed shards apart with no scheduler accounting
-(sacct is often missing): a result file means the task ended in Python; no result file and no
+Built on submitit, which pickles a call of a task function (for every job, the same work as its
+command with `--shard i/n`) into a log folder and runs it in a process it starts (`local`) or in
+a Slurm array task (`slurm`). Nothing here talks to the workers: the store is the only shared
+state, so launching again on a store submits only the shards that still have work, and each of
+those skips what is done. What was launched, and where its logs are, goes to
+LOGDIR/launch.json, from which `calibjob status` tells finished, running and failed shards
+apart with no scheduler accounting (sacct is often missing): a result file means the task ended in Python; no result file and no
 live process (local) or squeue entry (Slurm) means it died, e.g. killed or out of memory.
 """
 
@@ -19,20 +19,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from calibjob import remote
-from calibjob.claims import pid_alive
-from calibjob.config import AUTO_FIELDS, JobConfig, canonical_model, differing_fields
-from calibjob.errors import ConfigError, StoreError
-from calibjob.prompts import read_prompts
-from calibjob.shards import Shard, parse_shard, work_units
-from calibjob.store import Store
+from calibjob.core.leases import pid_alive
+from calibjob.core.locations import is_url, normalize
+from calibjob.core.shards import parse_shard
+from calibjob.errors import ConfigError
 
 RECORD = "launch.json"
 EXECUTORS = ("local", "slurm")
@@ -66,62 +62,18 @@ def parse_time(spec: str) -> int:
 
 def location_of(store: str | Path) -> str:
     """A store location as workers elsewhere must see it: URLs as given, folders absolute."""
-    loc = remote.normalize(store)
-    return loc if remote.is_url(loc) else str(Path(loc).resolve())
+    loc = normalize(store)
+    return loc if is_url(loc) else str(Path(loc).resolve())
 
 
 def default_log_dir(location: str) -> Path:
     """STORE/logs for a folder; for a URL, ./calibjob-logs/<bucket_prefix> (submitit needs a
     shared file system for its files, which a bucket is not)."""
-    if not remote.is_url(location):
+    if not is_url(location):
         return Path(location) / "logs"
     u = urlsplit(location)
     name = f"{u.netloc}{u.path}".strip("/").replace("/", "_") or u.scheme
     return Path("calibjob-logs") / name
-
-
-def with_store_choices(cfg: JobConfig, location: str) -> JobConfig:
-    """Take the 'auto' fields from an existing store, so a relaunched job keeps its
-    data-defining choices (the login node may not be the kind of machine that made them)."""
-    if not Store.exists(location):
-        return cfg
-    return cfg.with_choices_of(Store.open(location, mode="r").config)
-
-
-def prepare_config(cfg: JobConfig) -> JobConfig:
-    """Resolve what needs no device (model key, prompts) and validate, before any submission.
-    The 'auto' fields are left to the workers: the login node is not a GPU node."""
-    cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
-    if not cfg.prompts:
-        cfg = cfg.replace(
-            prompts=read_prompts(cfg.prompt_file, cfg.prompt_column, cfg.num_prompts)
-        )
-    return cfg.validate()
-
-
-def pending_shards(cfg: JobConfig, location: str, count: int) -> list[int]:
-    """Shards of `count` with a trajectory not done yet (all of them for a new store).
-    Refuses an existing store of another job before anything is submitted."""
-    if not Store.exists(location):
-        return list(range(count))
-    store = Store.open(location, mode="r")
-    diff = differing_fields(store.config, cfg)
-    diff = [k for k in diff if getattr(cfg, k) != AUTO_FIELDS.get(k, object())]
-    if diff:
-        empty = not store.encoded and not store.done_mask().any()
-        hint = "; it holds no data yet: remove it to start this job there" if empty else ""
-        raise StoreError(
-            f"{location} holds a different job (differs in: {', '.join(diff)}){hint}"
-        )
-    have = store.config
-    units = work_units(have.num_fid_samples, len(have.prompts), have.batch_size)
-    done = store.done_mask()
-    out = []
-    for i in range(count):
-        trajs = [k for u in Shard(i, count).units(units) for k in u.trajectories]
-        if not done[trajs].all() or (not trajs and not store.encoded):
-            out.append(i)
-    return out
 
 
 def visible_gpus() -> list[int]:
@@ -141,9 +93,6 @@ def visible_gpus() -> list[int]:
     return [int(x) for x in res.stdout.split() if x.isdigit()]
 
 
-# ---- the task: what each worker process runs ------------------------------------------------
-
-
 def gpu_for_shard(shard: int, gpus: list[int]) -> list[int]:
     """The GPU a local shard is pinned to: one each while there are enough, distinct, in the
     order CUDA_VISIBLE_DEVICES (or nvidia-smi) lists them; round robin beyond; none on a CPU
@@ -160,83 +109,28 @@ def device_share(executor: str, shards: int) -> int:
     return -(-shards // len(gpus)) if gpus else shards
 
 
-def check_share(cfg: JobConfig, share: int) -> None:
-    """Refuse, in one line, a launch whose workers cannot each fit their share of the device
-    (only where this machine is the one that runs them, and the batch is not fixed yet)."""
-    if share <= 1:
-        return
-    from calibjob import device
-
-    dtype = device.resolve_dtype(cfg.dtype)
-    per_prompt = -(-cfg.num_fid_samples // len(cfg.prompts))
-    device.resolve_batch_size(
-        cfg.batch_size if cfg.batch_size else 0,
-        per_prompt,
-        model=cfg.model_version,
-        dtype=dtype,
-        compile=device.resolve_compile(cfg.compile),
-        latent_size=cfg.latent_size,
-        max_memory=cfg.max_memory,
-        share=share,
-    )
-
-
-def run_task(fields: dict, location: str, shard: str, share: int = 1) -> dict:
-    """One shard, as `calibjob run --shard i/n` does it; picklable, for submitit. `share`:
-    workers on this shard's device, each planning its batch for 1/share of the memory."""
-    from calibjob import interrupts
-
-    interrupts.install()  # Ctrl-C / SIGTERM: one line in the log, exit 130 (interrupts.py)
-    interrupts.watch_store(location)
-    sh = parse_shard(shard)
-    print(
-        f"calibjob shard {sh} on {socket.gethostname()} (pid {os.getpid()}, "
-        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) -> {location}",
-        flush=True,
-    )
-    try:
-        return _run_task(fields, location, sh, share)
-    except KeyboardInterrupt:  # one line in the log (status reads it), not a traceback
-        print(interrupts.message(), file=sys.stderr, flush=True)
-        os._exit(interrupts.EXIT_INTERRUPTED)
-
-
-def _run_task(fields: dict, location: str, sh: Shard, share: int) -> dict:
-    from calibjob.progress import plural
-    from calibjob.worker import resolve_config, run_shard
-
-    cfg = resolve_config(
-        with_store_choices(JobConfig.from_dict(fields), location), location, share=share
-    )
-    res = run_shard(cfg, location, sh, show_progress=None)  # a log file: one line per unit
-    print(
-        f"shard {sh}: {plural(res.trajectories_run, 'trajectory')} in "
-        f"{plural(res.units_run, 'unit')}, wall time {res.seconds:.1f} s -> {location}",
-        flush=True,
-    )
-    return {"shard": str(sh), "units_run": res.units_run, "trajectories_run": res.trajectories_run}
-
-
 # ---- submission ------------------------------------------------------------------------------
 
 
 def submit(
-    cfg: JobConfig,
+    task: Callable,
+    args: dict[str, tuple],
     location: str,
     count: int,
-    shards: list[int],
     executor: str,
     log_dir: Path,
     slurm: SlurmOptions,
 ) -> dict[str, dict]:
-    """Start the given shards; return their launch entries (also written to launch.json)."""
+    """Start `task(*args[shard])` for each shard named in `args` (i/count); return their
+    launch entries (also added to launch.json)."""
     import submitit
 
-    share = device_share(executor, count)
-    check_share(cfg, share)  # before anything is written
+    names = list(args)
+    if executor == "slurm" and shutil.which("sbatch") is None:  # before anything is written
+        raise ConfigError("--executor slurm needs Slurm's sbatch here (run on a login node)")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     log_dir.mkdir(parents=True, exist_ok=True)
-    fields = cfg.to_dict()
-    names = [str(Shard(i, count)) for i in shards]
     if executor == "local":
         ex = submitit.LocalExecutor(folder=log_dir)
         gpus = visible_gpus()
@@ -246,31 +140,27 @@ def submit(
         # would print a traceback and SIGKILL their worker a second later)
         sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            for i, name in zip(shards, names, strict=True):
-                pin = gpu_for_shard(i, gpus)
+            for name in names:
+                pin = gpu_for_shard(parse_shard(name).index, gpus)
                 ex.update_parameters(
                     timeout_min=slurm.time_min, gpus_per_node=len(pin), visible_gpus=pin
                 )
-                jobs.append(ex.submit(run_task, fields, location, name, share))
+                jobs.append(ex.submit(task, *args[name]))
         finally:
             signal.signal(signal.SIGINT, sigint)
-    elif executor == "slurm":
-        if shutil.which("sbatch") is None:
-            raise ConfigError("--executor slurm needs Slurm's sbatch here (run on a login node)")
+    else:
         ex = submitit.SlurmExecutor(folder=log_dir)
         params = {
             "job_name": "calibjob",
             "time": slurm.time_min,
-            "array_parallelism": len(shards),
+            "array_parallelism": len(names),
             "partition": slurm.partition,
             "gpus_per_task": slurm.gpus_per_task,
             "cpus_per_task": slurm.cpus_per_task,
         }
         ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
-        k = len(shards)
-        jobs = ex.map_array(run_task, [fields] * k, [location] * k, names)
-    else:
-        raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        columns = list(zip(*(args[n] for n in names), strict=True))
+        jobs = ex.map_array(task, *columns)
     host = socket.gethostname()
     entries = {
         name: {
@@ -285,13 +175,15 @@ def submit(
         for name, job in zip(names, jobs, strict=True)
     }
     _JOBS.update({e["job_id"]: job for e, job in zip(entries.values(), jobs, strict=True)})
-    record = read_record(log_dir)
-    if record.get("store") != location or record.get("shards") != count:
-        record = {"store": location, "shards": count, "tasks": {}}
-    record["tasks"].update(entries)
-    write_record(log_dir, record)
-    return entries
+    from filelock import FileLock
 
+    with FileLock(str(log_dir / f".{RECORD}.lock")):  # two launches at once keep both
+        record = read_record(log_dir)
+        if record.get("store") != location or record.get("shards") != count:
+            record = {"store": location, "shards": count, "tasks": {}}
+        record["tasks"].update(entries)
+        write_record(log_dir, record)
+    return entries
 
 
 def live_shards(log_dir: Path, location: str, count: int) -> dict[str, str]:
@@ -442,9 +334,3 @@ def log_tail(entry: dict, lines: int = 12) -> tuple[str, list[str]]:
         if text.strip():
             return str(p), text.splitlines()[-lines:]
     return entry.get("stderr", "?"), []
-
-
-__all__ = [
-    "SlurmOptions", "default_log_dir", "location_of", "pending_shards", "prepare_config",
-    "read_record", "run_task", "submit", "task_states", "wait", "log_tail", "with_store_choices",
-]

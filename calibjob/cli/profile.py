@@ -1,8 +1,5 @@
-"""The CLI's phase-2 commands, `profile` and `profile-report` (registered by calibjob.cli).
-
-Kept apart from cli.py so the run job's command file stays as it is; imports are lazy, so
-`calibjob --help` still answers at once. Failures raise CalibjobError: one line, exit 2.
-"""
+"""`calibjob profile` and `profile-report`: phase 2's job and its report. Imports are lazy, so
+`calibjob --help` still answers at once. Failures raise CalibjobError: one line, exit 2."""
 
 from __future__ import annotations
 
@@ -13,12 +10,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from calibjob.cli.base import ProgressOpt, app, out, print_result
+from calibjob.cli.help import Command
 from calibjob.config import PROFILE_UNIT_POINTS
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
-
+@app.command("profile", cls=Command)
 def profile(
     calib: Annotated[
         Path,
@@ -32,8 +29,8 @@ def profile(
         str,
         typer.Option(
             "--store",
-            metavar="DIR",
-            help="Profile store (a local folder) to create or continue.",
+            metavar="STORE",
+            help="Profile store to create or continue: a folder or s3://bucket/prefix.",
             show_default=False,
         ),
     ],
@@ -104,10 +101,7 @@ def profile(
             help="mx.compile the profiled forward. (default: on a GPU only)",
         ),
     ] = None,
-    progress: Annotated[
-        bool | None,
-        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
-    ] = None,
+    progress: ProgressOpt = None,
 ) -> None:
     """Profile the MMDiT that made a calibration set: statistics of every linear layer's input
     per timestep (phase 2).
@@ -121,34 +115,41 @@ def profile(
         calibjob profile out/dry_run_cali.npz --store out/profile.zarr
         calibjob profile paper.npz --store prof.zarr --shard 1/4 --num-samples 640
     """
-    from calibjob.profile.worker import profile_shard, read_set, resolve_job
-    from calibjob.shards import parse_shard
+    from calibjob import api
+    from calibjob.core.locations import normalize
+    from calibjob.core.shards import parse_shard
+    from calibjob.jobs.profile import PROFILE
 
     sh = parse_shard(shard)
-    cal = read_set(calib)
-    job = resolve_job(
-        cal,
-        store,
-        model_version=model_version,
-        dtype=dtype,
-        num_samples=num_samples,
-        seed=seed,
-        batch_size=batch_size,
-        unit_points=unit_points,
+    store = normalize(store)
+    res = api.profile(
+        calib, store, sh, progress=progress, model_version=model_version, dtype=dtype,
+        num_samples=num_samples, seed=seed, batch_size=batch_size, unit_points=unit_points,
         compile="auto" if compile is None else ("on" if compile else "off"),
         local_ckpt=local_ckpt,
-    )
-    res = profile_shard(cal, job, store, sh, show_progress=progress)
-    if res.units_run == 0:
-        out.print(f"shard {sh}: nothing left to do in {store}", markup=False)
-    else:
-        out.print(
-            f"shard {sh}: {res.points_run} points in {res.units_run} units, {res.seconds:.1f} s, "
-            f"{res.points_per_s:.1f} points/s -> {store}",
-            markup=False,
-        )
+    )  # fmt: skip
+    print_result(res, store, str(sh), PROFILE)
 
 
+def spec_from_args(args: list[str]):
+    """`launch ... profile CALIB [flags]`: the profile job these arguments describe, parsed by
+    this command's own parser (so the two take the same flags)."""
+    from calibjob.data import read_set
+    from calibjob.errors import ConfigError
+    from calibjob.jobs.profile import PROFILE, build_spec
+
+    cmd = typer.main.get_command(app).commands["profile"]  # type: ignore[attr-defined]
+    with cmd.make_context("calibjob launch ... profile", [*args, "--store", "-"]) as ctx:
+        p = dict(ctx.params)
+    if p.pop("shard") != "0/1" or p.pop("store") != "-":
+        raise ConfigError("launch sets --store and --shard of each shard itself")
+    p.pop("progress", None)
+    c = p.pop("compile")
+    cal = read_set(p.pop("calib"))
+    return PROFILE, build_spec(cal, compile="auto" if c is None else ("on" if c else "off"), **p)
+
+
+@app.command("profile-report", cls=Command)
 def profile_report(
     store: Annotated[
         Path, typer.Argument(metavar="STORE", help="A finished profile store.", show_default=False)
@@ -197,7 +198,7 @@ def profile_report(
 
         calibjob profile-report out/profile.zarr -o out/report --export stats.npz
     """
-    from calibjob.profile import report
+    import calibjob.profile.report as report
     from calibjob.profile import stats as pstats
 
     report.check_outputs(output, export, force)
