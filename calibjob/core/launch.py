@@ -7,7 +7,8 @@ state, so launching again on a store submits only the shards that still have wor
 those skips what is done. What was launched, and where its logs are, goes to
 LOGDIR/launch.json, from which `calibjob status` tells finished, running and failed shards
 apart with no scheduler accounting (sacct is often missing): a result file means the task ended
-in Python; no result file and no live process (local) or squeue entry (Slurm) means it died, e.g. killed or out of memory.
+in Python; no result file and no live process (local) or squeue entry (Slurm) means it died,
+e.g. killed or out of memory.
 """
 
 from __future__ import annotations
