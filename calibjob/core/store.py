@@ -51,6 +51,10 @@ PREPARED = "encoded"  # the flag group of the prepared arrays
 CORE_ENTRIES = frozenset({"zarr.json", "job", "done", "progress", PREPARED, "claims"})
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
+# Every written row leaves its chunk on disk, even one equal to the fill value (Zarr skips
+# those by default): a done row whose chunk is absent is damage, never "all zeros".
+zarr.config.set({"array.write_empty_chunks": True})
+
 
 def package_versions() -> dict[str, str]:
     out = {}
