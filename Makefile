@@ -19,7 +19,7 @@ endif
 comma  := ,
 EXTRAS := s3$(if $(MLX),$(comma)$(MLX))
 
-.PHONY: install install-test dry-run test lint bench clean
+.PHONY: install install-test dry-run test test-fast lint bench clean
 
 # a user's runtime: calibjob, MLX, DiffusionKit and what it imports, obstore for S3 stores
 install: $(VENV)/.installed
@@ -55,8 +55,13 @@ dry-run: install
 	$(BIN)/calibjob profile $(OUT)/dry_run_cali.npz --store $(OUT)/dry-run-profile.zarr
 	$(BIN)/calibjob profile-report $(OUT)/dry-run-profile.zarr -o $(OUT)/dry-run-profile --export $(OUT)/dry-run-profile/stats.npz
 
+# every tier: the job core, the tiny model in-process, the CLI end to end, Slurm and S3
 test: install-test
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=5
+
+# the inner loop (a few minutes): the job core against a fake job and the tiny model in-process
+test-fast: install-test
+	$(BIN)/pytest -q -m "core or model"
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -38,6 +38,7 @@ def preload_openblas() -> bool:
 preload_openblas()
 
 import mlx.core as mx  # noqa: E402  (must come after the preload)
+import mlx.nn as nn  # noqa: E402,F401  (for modules that need it: imported here, after it too)
 
 
 def on_gpu() -> bool:

@@ -22,6 +22,14 @@ def prompt_file(tmp_path_factory) -> Path:
     return p
 
 
+def service_missing(msg: str) -> None:
+    """A cluster test whose service is not on this machine: skipped (a laptop, the inner loop),
+    or failed where CALIBJOB_REQUIRE_CLUSTER=1 says it must be there (CI)."""
+    if os.environ.get("CALIBJOB_REQUIRE_CLUSTER") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def job_flags(prompt_file: Path, **over) -> list[str]:
     """A small tiny-model job: 6 trajectories (2 per prompt) x 6 steps, 3 selected."""
     opts = {

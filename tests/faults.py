@@ -9,7 +9,10 @@
 --fail-when F    with --load-fails: raise only once file F exists (the test picks the moment)
 --slow-link S    merge's final link/rename of its output waits S seconds first
 --log-units F    append 'pid trajectories' to F each time the engine finishes computing a unit
+                 ('pid uN' for unit N of a profile job)
 --slow-rmtree S  a folder removed under a store's progress/ waits S seconds after its removal
+--hold-second-unit F  the engine's second unit in this process waits until file F exists
+                 (holding its lease: the test decides when it may finish)
 """
 
 from __future__ import annotations
@@ -75,6 +78,20 @@ def install(a: argparse.Namespace) -> None:
             return out
 
         shutil.rmtree = slow_rmtree  # Zarr's LocalStore removes a folder with shutil.rmtree
+    if a.hold_second_unit:
+        import calibjob.engine as engine
+
+        orig_hold = engine.Engine.run_unit
+        calls = []
+
+        def held(self, *args, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                while not os.path.exists(a.hold_second_unit):
+                    time.sleep(0.01)
+            return orig_hold(self, *args, **kw)
+
+        engine.Engine.run_unit = held
     if a.log_units:
         import calibjob.engine as engine
 
@@ -87,6 +104,17 @@ def install(a: argparse.Namespace) -> None:
             return res
 
         engine.Engine.run_unit = run_unit
+        import calibjob.profile.forward as forward
+
+        orig_profile = forward.Profiler.run_unit
+
+        def profile_unit(self, unit, *args, **kw):
+            res = orig_profile(self, unit, *args, **kw)
+            with open(a.log_units, "a") as f:
+                f.write(f"{os.getpid()} u{unit.index}\n")
+            return res
+
+        forward.Profiler.run_unit = profile_unit
 
 
 def main() -> None:
@@ -100,6 +128,7 @@ def main() -> None:
     p.add_argument("--slow-link", type=float, default=0.0)
     p.add_argument("--log-units")
     p.add_argument("--slow-rmtree", type=float, default=0.0)
+    p.add_argument("--hold-second-unit")
     a = p.parse_args(argv[:cut])
     from calibjob.core import interrupts
 

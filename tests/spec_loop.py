@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (calibjob.device must load OpenBLAS before anything imports MLX)
 """The spec's loop, kept as the yardstick: one trajectory at a time through DiffusionKit's own
 `CFGDenoiser` (CFG batch 2), modulation cached and adaLN weights reloaded per trajectory.
 
@@ -7,12 +8,12 @@ purpose: no batching, no reuse, exactly PHASE1's `x_cali_list.append(x)` before 
 
 from __future__ import annotations
 
+import calibjob.device  # noqa: F401  (OpenBLAS before MLX: the engine's BLAS, bit for bit)
 import mlx.core as mx
 import numpy as np
 from diffusionkit.mlx import CFGDenoiser, DiffusionPipeline, to_d
 from mlx.utils import tree_flatten
 
-import calibjob.device  # noqa: F401  (OpenBLAS before MLX)
 from calibjob.models import Model
 
 

@@ -11,6 +11,8 @@ from calibjob.errors import ConfigError
 from calibjob.jobs.run import work_units
 from calibjob.selection import initial_noise, select_steps, shuffle_order
 
+pytestmark = pytest.mark.core
+
 
 def test_units_group_by_prompt_and_cover_every_trajectory_once():
     units = work_units(256, 20, 8)

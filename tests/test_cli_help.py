@@ -21,6 +21,8 @@ from conftest import ROOT, cli
 import calibjob
 from calibjob.cli import app
 
+pytestmark = pytest.mark.e2e
+
 GROUP = typer.main.get_command(app)
 COMMANDS = sorted(GROUP.commands)  # type: ignore[attr-defined]
 JOB_FLAGS_SKIPPED_BY_LAUNCH = {"store", "shard", "progress"}

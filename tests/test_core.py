@@ -25,6 +25,8 @@ from calibjob.core.status import store_status
 from calibjob.core.store import JobStore, OtherJob
 from calibjob.errors import StoreDamaged, StoreError
 
+pytestmark = pytest.mark.core
+
 
 @dataclass(frozen=True)
 class FakeSpec(Spec):

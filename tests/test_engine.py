@@ -12,6 +12,8 @@ from calibjob.engine import Engine
 from calibjob.models import Model, load
 from calibjob.selection import initial_noise
 
+pytestmark = pytest.mark.model
+
 STEPS, SEED, CFG, LATENT = 8, 11, 1.5, (32, 32)
 
 

@@ -15,6 +15,8 @@ mx = pytest.importorskip("mlx.core")
 from diffusionkit.mlx import model_io  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+pytestmark = pytest.mark.model
+
 KEYS = [hf.SD3_MEDIUM, hf.SD35_LARGE]
 
 

@@ -15,6 +15,8 @@ from PIL import Image
 from calibjob.inspect_data import RunningStats, inspect_npz, inspect_store
 from calibjob.jobs import open_store
 
+pytestmark = pytest.mark.e2e
+
 CLI = [sys.executable, "-c", "from calibjob.cli import main; main()"]
 
 

@@ -16,6 +16,8 @@ from conftest import PROMPTS, assert_same_npz, cli, job_flags, load_npz, popen
 
 from calibjob.jobs import open_store
 
+pytestmark = pytest.mark.e2e
+
 N, S, K = 6, 20, 5  # trajectories, steps, selected: 3 units of 2 (batch 2, 3 prompts)
 
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from conftest import assert_same_npz, cli
 from scaleout import finish, flags, kill_one_worker_mid_run, reference, start
 
 from calibjob.jobs import open_store
+
+pytestmark = pytest.mark.e2e
 
 
 def test_local_launch_sigkill_one_worker_then_launch_again(prompt_file, tmp_path_factory, tmp_path):

@@ -12,6 +12,8 @@ from calibjob.config import SD3_MEDIUM, JobConfig
 from calibjob.core import launch
 from calibjob.errors import ConfigError
 
+pytestmark = pytest.mark.model
+
 
 def brute_force_batch(budget, fixed, per, cap):
     best = 0

@@ -11,6 +11,8 @@ from conftest import PROMPTS, cli
 
 from calibjob.models import Model, load, tiny
 
+pytestmark = pytest.mark.model
+
 
 @pytest.fixture(scope="module")
 def model() -> Model:

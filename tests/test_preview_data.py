@@ -14,6 +14,8 @@ from PIL import Image
 from calibjob.errors import ConfigError
 from calibjob.jobs import open_store
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def model(dry_run):
@@ -30,7 +32,7 @@ def test_final_latent_is_the_engines(dry_run, model):
 
     st = open_store(dry_run[0], mode="r")
     cfg = st.config
-    cs, cs_pooled = st.conditioning()
+    cs, cs_pooled = st.read_prepared("cs"), st.read_prepared("cs_pooled")
     ks = [0, 5, 7]
     ours = final_latents(st, model, ks)
     engine = Engine(model, num_steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale,

@@ -15,6 +15,8 @@ from conftest import cli, popen
 
 from calibjob.profile import load
 
+pytestmark = pytest.mark.e2e
+
 # 12 trajectories of 3 prompts x 6 steps, 3 selected: 36 points, 4 per (timestep, prompt).
 # Batches of 3 give batches of 3 and 1; units of at most 7 points ([3, 1, 3], [1, 3, 1]) mix
 # prompts and split each timestep in two, so the reader's reduction across units is exercised.
@@ -158,8 +160,7 @@ def test_every_statistic_matches_a_per_point_reference(one_shard, reference):
 
 def test_float32_partial_sums_stay_within_1e6_of_the_magnitudes(calib_set, reference):
     """The GPU's path (no float64 there): float32 per batch, float64 across batches."""
-    from calibjob.profile.worker import read_set
-
+    from calibjob.data import read_set
     from calibjob.models import load as load_model
     from calibjob.profile.forward import Profiler
     from calibjob.profile.plan import plan_units, select_points
@@ -385,8 +386,7 @@ def test_older_file_with_model_version_profiles_like_the_new_one(one_shard, cali
 
 
 def test_num_samples_takes_a_seeded_subset_spread_over_timesteps(calib_set, tmp_path):
-    from calibjob.profile.worker import read_set
-
+    from calibjob.data import read_set
     from calibjob.profile.plan import select_points
 
     ts = read_set(calib_set).ts
@@ -486,3 +486,134 @@ def test_compiled_forward_matches_the_reference_too(calib_set, reference, tmp_pa
     prof = load(store)
     assert prof.job["compile"] == "on"
     assert_matches_reference(prof.stats, reference, prof.timesteps)
+
+
+# ---- the job core's guarantees on a profile store (issue: one core for every job) ----------
+
+
+FAULTS = Path(__file__).resolve().parent / "faults.py"
+
+
+def faulty(*args: str, faults: tuple[str, ...] = ()):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, str(FAULTS), *faults, "--", *args],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def export_bytes(store: Path, out: Path) -> bytes:
+    from calibjob.profile.stats import export
+
+    export(load(store), out)
+    return out.read_bytes()
+
+
+def test_status_and_resume_take_a_profile_store_with_no_flags(one_shard, calib_set, tmp_path):
+    st = cli("status", str(one_shard))
+    assert st.returncode == 0 and "damaged" not in st.stdout + st.stderr
+    assert "complete: ready for `calibjob profile-report`" in st.stdout
+    assert "points/s" in st.stdout and f"{UNITS}/{UNITS}" in st.stdout
+    assert "nothing left to do" in cli("resume", str(one_shard)).stdout
+    # killed mid-job, then `resume STORE` alone finishes it with the options it started with
+    store = tmp_path / "k.zarr"
+    p = popen("profile", str(calib_set), "--store", str(store), *PROFILE_FLAGS)
+    deadline = time.monotonic() + 120
+    while len(done_units(store)) < 1 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert len(done_units(store)) < UNITS
+    mid = cli("status", str(store), check=False)
+    assert mid.returncode == 1 and "no worker is running" in mid.stdout, mid.stdout
+    res = cli("resume", str(store))
+    assert "unit" in res.stdout and "points/s" in res.stdout
+    assert export_bytes(store, tmp_path / "a.npz") == export_bytes(one_shard, tmp_path / "b.npz")
+
+
+def test_two_profile_workers_of_one_shard_compute_each_unit_once(one_shard, calib_set, tmp_path):
+    store, log = tmp_path / "twice.zarr", tmp_path / "units.log"
+    args = ("profile", str(calib_set), "--store", str(store), *PROFILE_FLAGS)
+    procs = [faulty(*args, faults=("--log-units", str(log))) for _ in range(3)]
+    for p in procs:
+        _, e = p.communicate(timeout=300)
+        assert p.returncode == 0, e
+    units = sorted(ln.split()[1] for ln in log.read_text().splitlines())
+    assert units == sorted(f"u{u}" for u in range(UNITS)), units  # each unit exactly once
+    assert_bit_identical(store, one_shard)
+
+
+def test_a_deleted_chunk_is_found_and_recomputed_on_a_profile_store(one_shard, tmp_path):
+    import shutil
+
+    store = tmp_path / "lost.zarr"
+    shutil.copytree(one_shard, store)
+    (store / "sum" / "c" / "3" / "0").unlink()
+    st = cli("status", str(store), check=False)
+    assert st.returncode == 1 and "damaged: 1 unit" in st.stdout, st.stdout
+    with pytest.raises(Exception, match="sum/c/3/0"):
+        load(store)  # never an export with a unit's statistics missing
+    res = cli("resume", str(store))
+    assert "in 1 unit," in res.stdout and "(3)" in res.stderr
+    assert_bit_identical(store, one_shard)
+
+
+@pytest.mark.parametrize("damage", ["flip-done", "truncate-sum-meta", "half-created"])
+def test_a_damaged_or_half_created_profile_store_is_repaired_by_resume(
+    one_shard, calib_set, tmp_path, damage
+):
+    import shutil
+
+    store = tmp_path / "d.zarr"
+    shutil.copytree(one_shard, store)
+    if damage == "flip-done":
+        f = store / "done" / "c" / "2"
+        raw = bytearray(f.read_bytes())
+        raw[0] ^= 0xFF
+        f.write_bytes(bytes(raw))
+    elif damage == "truncate-sum-meta":
+        f = store / "sum" / "zarr.json"
+        f.write_bytes(f.read_bytes()[:20])
+    else:  # killed after its record, before its arrays: only the record is there
+        for name in ("sum", "sumsq", "min", "max", "hist", "rows", "done", "progress"):
+            shutil.rmtree(store / name)
+    st = cli("status", str(store), check=False)
+    assert "Traceback" not in st.stderr
+    res = cli("resume", str(store), check=False)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    if damage != "half-created":
+        assert "repaired" in res.stderr, res.stderr
+    assert_bit_identical(store, one_shard)
+
+
+def test_a_profile_store_given_to_merge_or_inspect_says_what_it_is(one_shard, tmp_path):
+    for args in (("merge", str(one_shard), "-o", str(tmp_path / "x.npz")),
+                 ("inspect", str(one_shard))):  # fmt: skip
+        line = one_line_error(*args, words="is not a calibration-data store")
+        assert "made by `calibjob profile`" in line and "calibjob profile-report" in line
+
+
+def test_launch_starts_a_profile_job(one_shard, calib_set, tmp_path):
+    store = tmp_path / "launched.zarr"
+    res = cli("launch", "--store", str(store), "--shards", "2", "profile", str(calib_set),
+              *PROFILE_FLAGS)  # fmt: skip
+    assert "launched shards 0/2, 1/2" in res.stdout and "complete" in res.stdout, res.stdout
+    assert_bit_identical(store, one_shard)
+    assert "nothing left to do" in cli("launch", "--store", str(store), "--shards", "2").stdout
+
+
+def test_ctrl_c_in_a_profile_job_says_what_is_safe(calib_set, tmp_path):
+    store = tmp_path / "c.zarr"
+    p = faulty("profile", str(calib_set), "--store", str(store), *PROFILE_FLAGS,
+               faults=("--slow-fsync", "0.3"))  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(done_units(store)) < 1 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    _, errout = p.communicate(timeout=120)
+    assert p.returncode == 130, errout
+    assert f"of {UNITS} units are safe in {store}" in errout, errout
+    assert f"continue with `calibjob resume {store}`" in errout

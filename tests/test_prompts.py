@@ -14,6 +14,8 @@ from calibjob.errors import ConfigError
 from calibjob.jobs import open_store
 from calibjob.prompts import read_prompts
 
+pytestmark = pytest.mark.e2e
+
 THINGS = ("cats on a sofa", "boats, at dusk", 'signs saying "stop"', "trains")
 CAPTIONS = [f"a photo of {n} {t}" for n in ("one", "two", "three", "four", "five") for t in THINGS]
 

@@ -23,6 +23,8 @@ from test_job import done_count, flags, merge
 
 from calibjob.jobs import open_store, store_exists
 
+pytestmark = pytest.mark.e2e
+
 FAULTS = str(ROOT / "tests" / "faults.py")
 
 
@@ -186,14 +188,19 @@ def test_two_workers_of_one_shard_never_compute_a_unit_twice(b1, prompt_file, tm
 def test_resume_while_a_worker_runs_leaves_its_units_to_it(b1, prompt_file, tmp_path):
     store, log = tmp_path / "busy.zarr", tmp_path / "units.log"
     args = ["run", *flags(prompt_file, **{"batch-size": 1}), "--store", str(store)]
-    first = faulty(*args, faults=("--log-units", str(log), "--slow-fsync", "0.3"))
+    gate = tmp_path / "go"
+    # the first worker holds its second unit (and that unit's lease) until the second worker
+    # has finished: an order made by events, not by how fast the machine is today
+    first = faulty(*args, faults=("--log-units", str(log), "--hold-second-unit", str(gate)))
     deadline = time.monotonic() + 120
     while done_count(store) < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     second = faulty("resume", str(store), faults=("--log-units", str(log)))
-    for p in (first, second):
-        _, e = p.communicate(timeout=300)
-        assert p.returncode == 0, e
+    _, e = second.communicate(timeout=300)
+    assert second.returncode == 0, e
+    gate.touch()
+    _, e = first.communicate(timeout=300)
+    assert first.returncode == 0, e
     units = [t for _, t in _computed(log)]
     assert sorted(units) == [str(k) for k in range(6)], units
     assert len({pid for pid, _ in _computed(log)}) == 2  # both did some of the work

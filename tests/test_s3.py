@@ -15,11 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_npz, cli
+from conftest import assert_same_npz, cli, service_missing
 from scaleout import flags, free_port, kill_one_worker_mid_run, reference, start, wait_for
 
 from calibjob.core.locations import LOCK_NAME
 from calibjob.jobs import open_store
+
+pytestmark = pytest.mark.cluster
 
 BUCKET = "calibjob-test"
 
@@ -31,12 +33,12 @@ def s3(tmp_path_factory):
         "moto_server"
     )
     if exe is None:
-        pytest.fail("moto_server not found: `make test` installs it (the test extra)")
+        service_missing("moto_server not found: `make test` installs it (the test extra)")
     try:
         import boto3
         import obstore  # noqa: F401
     except ImportError as e:
-        pytest.fail(f"{e.name} is missing: `make test` installs it (the test and s3 extras)")
+        service_missing(f"{e.name} is missing: `make test` installs it (the test and s3 extras)")
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)

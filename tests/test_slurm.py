@@ -9,8 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_same_npz, cli
+from conftest import ROOT, assert_same_npz, cli, service_missing
 from scaleout import finish, flags, free_port, reference, start
+
+pytestmark = pytest.mark.cluster
 
 UP = ROOT / "tests" / "slurm_up.sh"
 
@@ -26,7 +28,7 @@ def slurm(tmp_path_factory):
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
     try:
         if res.returncode != 0:
-            pytest.fail(
+            service_missing(
                 "could not start a one-node Slurm (CI must install slurm-wlm and munge and run "
                 f"as root):\n{res.stdout}{res.stderr}"
             )

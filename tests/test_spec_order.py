@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from conftest import PROMPTS, cli, job_flags, load_npz
 
+pytestmark = pytest.mark.e2e
+
 N, S, K, SEED, CFG = 6, 6, 3, 7, 1.5
 LATENT = (32, 32)
 
@@ -145,6 +147,7 @@ def test_merge_memory_does_not_grow_with_the_prompts(tmp_path: Path):
         tracemalloc.stop()
     assert cs_bytes == 48 * 2 * 256 * 1024 * 4
     assert peak < cs_bytes / 8, f"merge peaked at {peak / 1e6:.1f} MB for {cs_bytes / 1e6:.0f} MB"
-    cs, pooled = open_store(store, mode="r").conditioning()
+    st = open_store(store, mode="r")
+    cs, pooled = st.read_prepared("cs"), st.read_prepared("cs_pooled")
     got = load_npz(out)
     assert np.array_equal(got["cs"], cs) and np.array_equal(got["cs_pooled"], pooled)

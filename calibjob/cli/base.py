@@ -118,8 +118,11 @@ def print_result(res, store: Path | str, shard: str, job) -> None:
     if res.units_run == 0 and not res.units_elsewhere:
         out.print(f"shard {shard}: nothing left to do in {store}", markup=False)
     elif res.units_run:
+        what = plural(res.work_done, job.work_word) if job.work_word else plural(
+            res.rows_run, job.row_word
+        )
         out.print(
-            f"shard {shard}: {plural(res.rows_run, job.row_word)} in "
+            f"shard {shard}: {what} in "
             f"{plural(res.units_run, 'unit')}, {res.rate:.1f} {job.throughput}; "
             f"wall time {res.seconds:.1f} s -> {store}",
             markup=False,

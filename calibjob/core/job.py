@@ -105,6 +105,7 @@ class Job(ABC):
     store_noun: str = "calibjob"  # "a ... store": what the user calls this job's stores
     another: str = "a different job"  # "holds ... (seed: store has 7, asked 8)"
     reader: str = ""  # the command that reads a finished store
+    work_word: str = ""  # what a run's summary counts: its work ("point"), else its rows
 
     @abstractmethod
     def layout(self, spec: Spec, meta: dict) -> Layout: ...

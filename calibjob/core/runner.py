@@ -52,6 +52,7 @@ class RunResult:
     # phase -> (seconds, peak GB of MLX memory in it)
     phases: dict[str, tuple[float, float]] = field(default_factory=dict)
     lost: list[int] = field(default_factory=list)  # units whose lease another worker took over
+    work_done: int = 0  # in the throughput's units
 
 
 class Interrupted(KeyboardInterrupt):
@@ -244,5 +245,5 @@ def run_shards(
     return RunResult(
         len(plain), len(ran), n_rows, recomputed, time.perf_counter() - t0,
         prog.done_work / max(loop_s, 1e-9) if ran else 0.0, loop_s,
-        sorted(skipped), skipped, phases, lost,
+        sorted(skipped), skipped, phases, lost, prog.done_work,
     )  # fmt: skip

@@ -236,7 +236,9 @@ class JobStore:
     def prepared(self) -> bool:
         return self.has(PREPARED)
 
-    def write_prepared(self, arrays: dict[str, np.ndarray], row_chunked: set[str]) -> None:
+    def write_prepared(
+        self, arrays: dict[str, np.ndarray], row_chunked: set[str], what: str = ""
+    ) -> None:
         """Write the prepared arrays, make them durable, then flag the store prepared. Arrays
         in `row_chunked` get one chunk per leading index (read a row at a time later)."""
         try:
@@ -252,8 +254,8 @@ class JobStore:
         except OSError as e:
             if e.errno in DISK_FULL:
                 raise StoreError(
-                    f"disk full while writing {', '.join(arrays)} to {self.path} ({e.strerror});"
-                    f" nothing is marked prepared: free some space and run "
+                    f"disk full while writing {what or ', '.join(arrays)} to {self.path} "
+                    f"({e.strerror}); nothing is marked done: free some space and run "
                     f"`calibjob resume {self.path}`"
                 ) from None
             raise

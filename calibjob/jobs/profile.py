@@ -192,6 +192,7 @@ class ProfileJobDef(Job):
     store_noun = "profile"
     another = "another profile job"
     reader = "calibjob profile-report"
+    work_word = "point"
 
     def layout(self, spec: ProfileJob, meta: dict) -> Layout:
         u, taps = len(meta["unit_timesteps"]), meta["taps"]

@@ -155,7 +155,7 @@ def ensure_encoded(store: JobStore, model) -> None:
         sigmas, ts = model.schedule(cfg.num_sampling_steps)
         arrays = {"cs": cs.astype(dt), "cs_pooled": cs_pooled.astype(dt), "sigmas": sigmas,
                   "ts": ts}  # fmt: skip
-        store.write_prepared(arrays, row_chunked={"cs", "cs_pooled"})
+        store.write_prepared(arrays, {"cs", "cs_pooled"}, what="the prompt conditioning")
 
 
 class RunSession(Session):

@@ -13,6 +13,7 @@ never on the shard count: shard i/n takes units i, i+n, ... (calibjob.core.shard
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ class ProfileJob(Spec):
 
 
 ProfileJob.IDENTITY = tuple(
-    k for k in ProfileJob.__dataclass_fields__ if k not in ("calib_file", "local_ckpt")
+    f.name for f in dataclasses.fields(ProfileJob) if f.name not in ("calib_file", "local_ckpt")
 )
 # job fields a store fixes once resolved; a later run that leaves them open adopts them
 ProfileJob.AUTO = {"batch_size": 0, "compile": "auto", "reduce_dtype": "auto", "dtype": "auto"}

@@ -32,10 +32,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import mlx.nn as nn
-
 import calibjob.profile.kernel as kernel
-from calibjob.device import mx  # mlx.core, after the OpenBLAS preload
+from calibjob.device import mx, nn  # mlx, after the OpenBLAS preload
 from calibjob.profile.plan import INPUTS
 
 # where each input is captured: (attribute path under the TransformerBlock, layer attribute)
