@@ -45,15 +45,19 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[$(EXTRAS),test]"
 	touch $@
 
+# the dry run's outputs, named by model: `make dry-run MODEL=sd3-medium` keeps the tiny ones
+DRY    := $(OUT)/dry-run$(if $(filter tiny,$(MODEL)),,-$(MODEL))
+DRYNPZ := $(OUT)/dry_run$(if $(filter tiny,$(MODEL)),,_$(MODEL))_cali.npz
+
 dry-run: install
-	rm -rf $(OUT)/dry-run.zarr $(OUT)/dry_run_cali.npz $(OUT)/dry-run-profile*
+	rm -rf $(DRY).zarr $(DRYNPZ) $(DRY)-profile*
 	mkdir -p $(OUT)
-	$(BIN)/calibjob run --job jobs/dry-run.toml --model-version $(MODEL) --store $(OUT)/dry-run.zarr --shard 0/2
-	$(BIN)/calibjob run --job jobs/dry-run.toml --model-version $(MODEL) --store $(OUT)/dry-run.zarr --shard 1/2
-	$(BIN)/calibjob status $(OUT)/dry-run.zarr
-	$(BIN)/calibjob merge $(OUT)/dry-run.zarr -o $(OUT)/dry_run_cali.npz
-	$(BIN)/calibjob profile $(OUT)/dry_run_cali.npz --store $(OUT)/dry-run-profile.zarr
-	$(BIN)/calibjob profile-report $(OUT)/dry-run-profile.zarr -o $(OUT)/dry-run-profile --export $(OUT)/dry-run-profile/stats.npz
+	$(BIN)/calibjob run --job dry-run --model-version $(MODEL) --store $(DRY).zarr --shard 0/2
+	$(BIN)/calibjob run --job dry-run --model-version $(MODEL) --store $(DRY).zarr --shard 1/2
+	$(BIN)/calibjob status $(DRY).zarr
+	$(BIN)/calibjob merge $(DRY).zarr -o $(DRYNPZ)
+	$(BIN)/calibjob profile $(DRYNPZ) --store $(DRY)-profile.zarr
+	$(BIN)/calibjob profile-report $(DRY)-profile.zarr -o $(DRY)-profile --export $(DRY)-profile/stats.npz
 
 # every tier: the job core, the tiny model in-process, the CLI end to end, Slurm and S3
 test: install-test

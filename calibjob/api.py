@@ -32,13 +32,16 @@ from calibjob.jobs import jobs, open_store, store_exists
 MERGED = "merged.json"  # which output a completed store was merged to, once
 
 
-def safe_line(location: str) -> str:
-    """'N of M trajectories are safe in STORE' (for the interrupt message)."""
+def safe_line(location: str) -> tuple[str, bool]:
+    """('N of M trajectories are safe in STORE', whether all are), for the interrupt message."""
     if not store_exists(location):
         raise FileNotFoundError(location)
     st = open_store(location, mode="r")
     mask, _ = st.read_markers()
-    return f"{int(mask.sum())} of {plural(len(mask), st.job.row_word)} are safe in {location}"
+    done, total = int(mask.sum()), len(mask)
+    if done == total:
+        return f"all {plural(total, st.job.row_word)} are safe in {location}", True
+    return f"{done} of {plural(total, st.job.row_word)} are safe in {location}", False
 
 
 def watch(location: str) -> None:

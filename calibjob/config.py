@@ -139,11 +139,30 @@ class JobConfig(Spec):
         return super().from_dict(d)
 
 
+SPECS = Path(__file__).resolve().parent / "specs"  # jobs/*.toml, shipped in the package
+
+
+def spec_names() -> list[str]:
+    """The shipped job specs, by name (`--job paper`)."""
+    return sorted(p.stem for p in SPECS.glob("*.toml"))
+
+
+def find_job_spec(job: str | Path) -> Path:
+    """A job spec given as a path (as typed, then relative to the project) or a shipped name."""
+    p = Path(job)
+    for cand in (p, PROJECT_ROOT / p, SPECS / f"{job}.toml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(
+        f"job spec not found: {job} (not a file here, nor a shipped spec: "
+        f"{', '.join(spec_names())})"
+    )
+
+
 def load_job_file(path: str | Path) -> dict:
-    """Read a job spec (TOML) into a dict of fields; unknown fields are refused."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"job spec not found: {path}")
+    """Read a job spec (TOML, a path or a shipped name) into a dict of fields; unknown fields
+    are refused."""
+    p = find_job_spec(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -157,12 +176,15 @@ def load_job_file(path: str | Path) -> dict:
 
 
 def resolve_prompt_path(prompt_file: str) -> Path:
-    """A prompt file as given, else relative to the project root (for the shipped prompts)."""
+    """A prompt file as given, else relative to the project root, else a shipped one
+    (`prompts/sample_prompts.txt` of the job specs)."""
     p = Path(prompt_file)
     if p.exists() or p.is_absolute():
         return p
-    q = PROJECT_ROOT / p
-    return q if q.exists() else p
+    for q in (PROJECT_ROOT / p, Path(__file__).resolve().parent / "sample_prompts" / p.name):
+        if q.exists():
+            return q
+    return p
 
 
 # How long a worker's lease on a unit lives without a heartbeat (the heartbeat comes every

@@ -407,6 +407,11 @@ def plot_stats(rep: Report, out: str | Path, force: bool = False) -> Path:
     for label, v, color, ls in series:
         ax.plot(t, v, ls, color=color, label=label, marker=None if many else "o", markersize=4)
     ax.axhline(0, color="0.6", linewidth=0.8)
+    if rep.kind == "store":  # the steps merge will keep, as the table's stars mark them
+        kept = [r.t for r in rep.rows if r.selected]
+        for j, tk in enumerate(kept):
+            ax.axvline(tk, color="0.7", lw=0.9, zorder=0,
+                       label="selected by merge" if j == 0 else None)  # fmt: skip
     ax.invert_xaxis()  # t = 1000 (pure noise) on the left: denoising reads left to right
     ax.set_xlabel("timestep t  (1000 = noise  ->  0 = image)")
     ax.set_ylabel("value of x_t")

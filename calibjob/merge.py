@@ -29,7 +29,7 @@ import numpy as np
 from calibjob.core.locations import is_url
 from calibjob.core.shards import Shard
 from calibjob.core.status import shards_run_here
-from calibjob.core.store import JobStore, check_same_job
+from calibjob.core.store import JobStore
 from calibjob.core.words import fmt_ranges
 from calibjob.errors import ConfigError, StoreDamaged, StoreError
 from calibjob.jobs.run import LATENT_CHANNELS, open_run_store, units_for
@@ -45,6 +45,17 @@ class MergeSummary:
     trajectories: int
     selected_steps: list[int]
     bytes: int
+
+
+def check_same_job(stores: list[JobStore]) -> None:
+    """Refuse a set of stores that are not the same job."""
+    first = stores[0]
+    for s in stores[1:]:
+        if s.job is not first.job or s.fingerprint != first.fingerprint:
+            diff = first.config.differing(s.config) if s.job is first.job else ["job"]
+            raise ConfigError(
+                f"{s.path} is a different job from {first.path} (differs in: {', '.join(diff)})"
+            )
 
 
 def coverage(stores: list[JobStore]) -> np.ndarray:
@@ -90,19 +101,6 @@ def _where_missing(stores: list[JobStore], missing: np.ndarray) -> str:
     return f"finish them with `calibjob resume {where}`"
 
 
-def _remove_stale_partials(out: Path) -> None:
-    """Temporary files of earlier merges to `out` whose process has ended (a SIGKILLed merge
-    leaves `.OUT.PID.partial`); a running merge's file is left alone."""
-    from calibjob.core.leases import pid_alive
-
-    if not out.parent.is_dir():
-        return
-    for f in out.parent.glob(f".{out.name}.*.partial"):
-        pid = f.name[len(out.name) + 2 : -len(".partial")]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            f.unlink(missing_ok=True)
-
-
 def _write_npy(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
     with zf.open(name + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array(f, np.asarray(arr, order="C"), allow_pickle=False)
@@ -133,11 +131,11 @@ def merge(
     on_trajectory=None,
 ) -> MergeSummary:
     """Merge the stores at `paths` into `out` (.npz). See the module docstring."""
-    from calibjob.outputs import check_output
+    from calibjob.outputs import NPZ_FORMATS, check_output, remove_stale_partials, write_failed
 
     out = Path(out)
-    check_output(out, force)
-    _remove_stale_partials(out)
+    check_output(out, force, NPZ_FORMATS)
+    remove_stale_partials(out)
     seen: dict[str, str] = {}
     for p in paths:
         key = str(Path(p).resolve()) if not is_url(str(p)) else str(p)
@@ -208,6 +206,9 @@ def merge(
             except FileExistsError:
                 raise ConfigError(f"{out} exists; pass --force to replace it") from None
             tmp.unlink()
+    except OSError as e:  # a full disk: named by the output, not the temporary file
+        tmp.unlink(missing_ok=True)
+        raise write_failed(out, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,10 +1,13 @@
 """Prompt files as people keep them: plain text, CSV/TSV with a header, or JSON Lines.
 
-- `.txt` (and any other suffix): one prompt a line; blank lines and `#` comments skipped.
+- `.txt` (or no suffix): one prompt a line; blank lines and `#` comments skipped.
 - `.csv` / `.tsv`: a header row; the prompts are one column: `column` if given, else the first
   of `prompt`, `caption`, `text` present (any case), else the only column.
 - `.jsonl`: one JSON object a line (blank lines skipped), the prompt under `column`, else under
   the same default keys, else the object's only key; a line may also be a bare JSON string.
+- `.json`: one JSON array whose items are strings or objects (read as `.jsonl`'s lines are).
+
+Any other suffix is refused with one line naming the ones calibjob reads.
 
 `first` keeps the first N prompts (the spec's `--num-prompts`); rows after them are not read.
 Every prompt is stripped and checked: no empty one, no line break inside, no duplicate, and the
@@ -25,6 +28,7 @@ from calibjob.errors import ConfigError
 
 DEFAULT_COLUMNS = ("prompt", "caption", "text")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl")
 
 
 def read_prompts(
@@ -42,10 +46,17 @@ def read_prompts(
         rows = _table_rows(text, TABLE_SUFFIXES[suffix], column, path)
     elif suffix == ".jsonl":
         rows = _jsonl_rows(text, column, path)
+    elif suffix == ".json":
+        rows = _json_array_rows(text, column, path)
+    elif suffix not in (".txt", ""):
+        raise ConfigError(
+            f"{path}: calibjob reads prompt files ending in {', '.join(SUFFIXES)} (or no "
+            f"suffix, as text), not {suffix}"
+        )
     else:
         if column:
             raise ConfigError(
-                f"--prompt-column applies to .csv, .tsv and .jsonl files, not {path}"
+                f"--prompt-column applies to .csv, .tsv, .json and .jsonl files, not {path}"
             )
         rows = _text_rows(text)
 
@@ -141,18 +152,35 @@ def _jsonl_rows(text: str, column: str | None, shown: str | Path) -> Iterator[tu
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{shown}, {where}: not JSON ({e.msg})") from None
-        if isinstance(obj, str) and not column:
-            yield where, obj
-            continue
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{shown}, {where}: expected a JSON object, got {_json_kind(obj)}")
-        if column and column not in obj:
-            raise ConfigError(f"{shown}, {where}: no key {column!r}")
-        key = _pick_column(list(obj), column, f"{shown}, {where}")
-        value = obj[key]
-        if not isinstance(value, str):
-            raise ConfigError(f"{shown}, {where}: {key!r} is {_json_kind(value)}, not text")
-        yield where, value
+        yield where, _json_prompt(obj, column, shown, where)
+
+
+def _json_array_rows(
+    text: str, column: str | None, shown: str | Path
+) -> Iterator[tuple[str, str]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{shown}, line {e.lineno}: not JSON ({e.msg})") from None
+    if not isinstance(items, list):
+        raise ConfigError(f"{shown}: expected a JSON array of prompts, got {_json_kind(items)}")
+    for i, obj in enumerate(items, 1):
+        yield f"item {i}", _json_prompt(obj, column, shown, f"item {i}")
+
+
+def _json_prompt(obj: object, column: str | None, shown: str | Path, where: str) -> str:
+    """A prompt from one JSON value: a bare string, or an object's prompt key."""
+    if isinstance(obj, str) and not column:
+        return obj
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{shown}, {where}: expected a JSON object, got {_json_kind(obj)}")
+    if column and column not in obj:
+        raise ConfigError(f"{shown}, {where}: no key {column!r}")
+    key = _pick_column(list(obj), column, f"{shown}, {where}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"{shown}, {where}: {key!r} is {_json_kind(value)}, not text")
+    return value
 
 
 def _json_kind(v: object) -> str:

@@ -11,6 +11,7 @@
 --log-units F    append 'pid trajectories' to F each time the engine finishes computing a unit
                  ('pid uN' for unit N of a profile job)
 --slow-rmtree S  a folder removed under a store's progress/ waits S seconds after its removal
+--sigint-at-exit  as the process exits (its command done), it gets SIGINT (a late Ctrl-C)
 --hold-second-unit F  the engine's second unit in this process waits until file F exists
                  (holding its lease: the test decides when it may finish)
 """
@@ -56,12 +57,12 @@ def install(a: argparse.Namespace) -> None:
         orig_link, orig_replace = os.link, os.replace
 
         def slow_link(src, dst, *args, **kw):
-            if str(src).endswith(".partial") and ".npz" in str(dst):
+            if ".partial" in str(src) and ".npz" in str(dst):
                 time.sleep(a.slow_link)
             return orig_link(src, dst, *args, **kw)
 
         def slow_replace(src, dst, *args, **kw):
-            if str(src).endswith(".partial") and ".npz" in str(dst):
+            if ".partial" in str(src) and ".npz" in str(dst):
                 time.sleep(a.slow_link)
             return orig_replace(src, dst, *args, **kw)
 
@@ -78,6 +79,15 @@ def install(a: argparse.Namespace) -> None:
             return out
 
         shutil.rmtree = slow_rmtree  # Zarr's LocalStore removes a folder with shutil.rmtree
+    if a.sigint_at_exit:
+        import atexit
+        import signal
+
+        def late_ctrl_c() -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the signal is delivered and handled (or ignored) by now
+
+        atexit.register(late_ctrl_c)
     if a.hold_second_unit:
         import calibjob.engine as engine
 
@@ -129,6 +139,7 @@ def main() -> None:
     p.add_argument("--log-units")
     p.add_argument("--slow-rmtree", type=float, default=0.0)
     p.add_argument("--hold-second-unit")
+    p.add_argument("--sigint-at-exit", action="store_true")
     a = p.parse_args(argv[:cut])
     from calibjob.core import interrupts
 

@@ -152,3 +152,15 @@ def test_inspect_store_so_far(dry_run, tmp_path):
     st.root["xs"][4] = bad
     r = cli("inspect", part)
     assert r.returncode == 2 and "trajectory 4 holds NaN or Inf at step(s) 13" in r.stderr
+
+
+def test_a_stores_plot_marks_the_steps_merge_selects(dry_run, tmp_path):
+    import matplotlib
+
+    from calibjob.inspect_data import plot_stats
+
+    rep = inspect_store(dry_run[0])
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as text, to be read back
+        out = plot_stats(rep, tmp_path / "s.svg")
+    assert "selected by merge" in out.read_text()
+    assert sum(r.selected for r in rep.rows) == 5  # the dry run's 5 of 20 steps

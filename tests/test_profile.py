@@ -617,3 +617,31 @@ def test_ctrl_c_in_a_profile_job_says_what_is_safe(calib_set, tmp_path):
     assert p.returncode == 130, errout
     assert f"of {UNITS} units are safe in {store}" in errout, errout
     assert f"continue with `calibjob resume {store}`" in errout
+
+
+def test_report_figures_keep_what_matters_in_view(one_shard, tmp_path, monkeypatch):
+    """channel_ranges: the legend sits beside the axes, never on the top-2% bars, and counts in
+    words ('1 channel'); heatmaps: layer labels readable, missing rows said to be missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calibjob.profile import report
+
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    try:
+        report.write_figures(load(one_shard), tmp_path / "rep")
+    finally:
+        monkeypatch.setattr(plt, "close", real_close)
+    ranges, heat = figs[2], figs[3]
+    ranges.canvas.draw()
+    for ax in ranges.axes:
+        leg = ax.get_legend()
+        assert not leg.get_window_extent().overlaps(ax.get_window_extent())
+        texts = [t.get_text() for t in leg.get_texts()]
+        assert not any("(1 channels)" in t for t in texts), texts
+    assert all(t.get_fontsize() >= 8 for t in heat.axes[0].get_yticklabels())
+    assert "no such input" in heat._suptitle.get_text()  # the last text block has no MLP

@@ -102,6 +102,19 @@ def test_readers_pick_columns_and_keys(tmp_path):
         read_prompts(late)
 
 
+def test_json_arrays_of_strings_or_objects(tmp_path):
+    """A .json prompt file is one JSON array, read as JSON, not as lines of text."""
+    strings = tmp_path / "p.json"
+    strings.write_text('[\n  "a red fox in snow",\n  "a blue car"\n]\n', encoding="utf-8")
+    assert read_prompts(strings) == ("a red fox in snow", "a blue car")
+    objects = tmp_path / "o.json"
+    objects.write_text('[{"id": 1, "caption": "a cat"}, {"id": 2, "caption": "a dog"}]')
+    assert read_prompts(objects) == ("a cat", "a dog")
+    assert read_prompts(objects, first=1) == ("a cat",)
+    st = tiny_run(strings, tmp_path / "j.zarr")
+    assert st.config.prompts == ("a red fox in snow", "a blue car")
+
+
 # ---- bad input: one line naming the file, the row and the problem; exit 2; no store ---------
 
 
@@ -139,13 +152,23 @@ def _bad_cases(d: Path) -> dict[str, tuple[Path, list[str], str]]:
     f = d / "plain.txt"
     f.write_text("a cat\n", encoding="utf-8")
     cases["column on a txt"] = (f, ["--prompt-column", "caption"], "applies to .csv")
+    f = d / "obj.json"
+    f.write_text('{"prompts": ["a cat"]}', encoding="utf-8")
+    cases["json not an array"] = (f, [], "expected a JSON array of prompts, got an object")
+    f = d / "nums.json"
+    f.write_text('["a cat", 7]', encoding="utf-8")
+    cases["json item not text"] = (f, [], "item 2: expected a JSON object, got a number")
+    f = d / "notes.md"
+    f.write_text("a cat\n", encoding="utf-8")
+    cases["unknown suffix"] = (f, [], "ending in .txt, .csv, .tsv, .json, .jsonl")
     return cases
 
 
 BAD = [
     "missing column", "no prompt column", "empty cell", "newline in a prompt", "duplicate",
     "not UTF-8", "jsonl not JSON", "jsonl not text", "jsonl missing key", "txt duplicate",
-    "too few prompts", "column on a txt",
+    "too few prompts", "column on a txt", "json not an array", "json item not text",
+    "unknown suffix",
 ]  # fmt: skip
 
 

@@ -183,6 +183,8 @@ def test_two_workers_of_one_shard_never_compute_a_unit_twice(b1, prompt_file, tm
     units = [t for _, t in _computed(log)]
     assert sorted(units) == [str(k) for k in range(6)], units  # each unit exactly once
     assert_same_npz(merge(store, tmp_path / "t.npz"), b1[1])
+    st = cli("status", str(store))  # both have ended: the shard is finished, not elsewhere
+    assert "finished" in st.stdout and "running elsewhere" not in st.stdout, st.stdout
 
 
 def test_resume_while_a_worker_runs_leaves_its_units_to_it(b1, prompt_file, tmp_path):

@@ -26,22 +26,45 @@ def main() -> None:
     except CalibjobError as e:
         fail(str(e).replace("[", r"\["))
     except OSError as e:  # a full disk, a permission, a vanished file: the OS's own words
-        fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e.strerror or e))
+        where = f" ({_shown(e.filename)})" if e.filename else ""
+        fail(f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         err.print(interrupts.message(), markup=False, highlight=False)
         sys.exit(interrupts.EXIT_INTERRUPTED)
     except Exception as e:
-        # usage errors of Typer's bundled click: print its usage message, not a traceback
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
-            sys.exit(e.exit_code)
+        if type(e).__name__ == "NoArgsIsHelpError":  # `calibjob` alone: its help
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(0)
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors
+            fail(usage_line(e))
         if type(e).__name__ == "Abort":  # click turns KeyboardInterrupt into Abort
             err.print(interrupts.message(), markup=False, highlight=False)
             sys.exit(interrupts.EXIT_INTERRUPTED)
         raise
+    finally:
+        # the command is over (its file written, its last line printed): a Ctrl-C from here
+        # on has nothing to interrupt, and must not turn a finished run into exit 130
+        interrupts.ignore()
     if rc == interrupts.EXIT_INTERRUPTED:  # Typer turns KeyboardInterrupt into exit 130
         err.print(interrupts.message(), markup=False, highlight=False)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
 
 
+def usage_line(e) -> str:
+    """A usage error in the one-line form of every other error, with where to read more."""
+    msg = e.format_message()
+    if "--latent-size" in msg and "32 32" not in msg:
+        msg += " (give H and W as two numbers: --latent-size 32 32)"
+    cmd = e.ctx.command_path if getattr(e, "ctx", None) is not None else "calibjob"
+    return f"{msg.rstrip('.')}; see `{cmd} -h`"
+
+
+def _shown(filename: str) -> str:
+    """The file the user named, for a temporary one beside it (.OUT.PID.partial[.SUFFIX])."""
+    import re
+    from pathlib import Path
+
+    p = Path(filename)
+    m = re.fullmatch(r"\.(.+)\.\d+\.partial(\..*)?", p.name)
+    return str(p.with_name(m.group(1))) if m else filename

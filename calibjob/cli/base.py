@@ -68,7 +68,7 @@ def fail(msg: str, code: int = EXIT_ERROR) -> None:
     sys.exit(code)
 
 
-def build_config(job: Path | None, **flags) -> JobConfig:
+def build_config(job: str | Path | None, **flags) -> JobConfig:
     """Defaults (the paper's) <- job spec <- flags that were given."""
     fields = load_job_file(job) if job is not None else {}
     fields.update({k: v for k, v in flags.items() if v is not None})
@@ -141,15 +141,12 @@ def print_result(res, store: Path | str, shard: str, job) -> None:
 
 
 def check_output(output: Path | None, force: bool) -> None:
-    """Refuse an output that exists (unless --force) before hours of work, not after."""
-    if output is None:
-        return
-    if output.is_dir():
-        fail(f"{output} is a folder")
-    if not output.parent.is_dir():
-        fail(f"output folder {output.parent} does not exist")
-    if output.exists() and not force:
-        fail(f"{output} exists; pass --force to replace it")
+    """`-o`: the output rule (calibjob.outputs) checked before hours of work, not after."""
+    if output is not None:
+        from calibjob.outputs import NPZ_FORMATS
+        from calibjob.outputs import check_output as check
+
+        check(output, force, NPZ_FORMATS)
 
 
 def merge_if_complete(store: str, output: Path | None, force: bool, shard: str) -> None:

@@ -75,8 +75,33 @@ class Context(typer.Context):
     formatter_class = Formatter
 
 
+# the commands in the order a job goes, each with a line that fits 80 columns whole (click
+# would cut the docstring's first sentence with "...")
+COMMANDS = {
+    "run": "Generate a job's trajectories (or one shard's) into a store.",
+    "resume": "Continue a store's job (run or profile) from its own spec.",
+    "launch": "Run a job's shards as local processes or a Slurm array.",
+    "status": "Done/total per shard, states, throughput, ETA and damage.",
+    "merge": "Select steps, shuffle, write the paper-format .npz.",
+    "inspect": "Validate a calibration file; x_t statistics per step.",
+    "preview": "Decode done trajectories into a captioned image grid.",
+    "profile": "Activation statistics of the MMDiT over a calibration set.",
+    "profile-report": "Figures, per-layer table and export of a profile.",
+}
+
+
 class Group(TyperGroup):
     context_class = Context
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        have = super().list_commands(ctx)
+        return [c for c in COMMANDS if c in have] + [c for c in have if c not in COMMANDS]
+
+    def get_command(self, ctx: typer.Context, name: str):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None and name in COMMANDS:
+            cmd.short_help = COMMANDS[name]
+        return cmd
 
 
 class Command(TyperCommand):

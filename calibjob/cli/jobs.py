@@ -197,12 +197,12 @@ def launch(
         def on_change(shard: str, state: str) -> None:
             out.print(f"shard {shard}: {state}", markup=False)
 
-        _wait_or_stop({"tasks": entries}, on_change)
+        _wait_or_stop({"tasks": entries}, on_change, _progress_lines(loc))
     if live and not wait:
         out.print(f"follow with `calibjob status {loc}`", markup=False)
         return
     if live:
-        _wait_or_stop({"tasks": lz.read_record(log_dir)["tasks"]})
+        _wait_or_stop({"tasks": lz.read_record(log_dir)["tasks"]}, None, _progress_lines(loc))
     from calibjob.cli.status import print_status
 
     if not print_status(loc, str(log_dir)):
@@ -233,7 +233,38 @@ def _launch_spec(args: list[str], loc: str):
     return RUN, cfg if existing is None else cfg.with_choices_of(existing), output, force
 
 
-def _wait_or_stop(record: dict, on_change=None) -> None:
+def _progress_lines(loc: str):
+    """While `launch --wait` waits (hours on a real job): a line per shard whenever its count
+    of done rows changes, as a worker's own log lines say it."""
+    from calibjob.core.status import store_status
+    from calibjob.core.words import fmt_eta, plural
+    from calibjob.jobs import open_store, store_exists
+
+    seen: dict[str, int] = {}
+
+    def poll() -> None:
+        if not store_exists(loc):
+            return
+        try:
+            st = open_store(loc, mode="r")
+            s = store_status(st)
+        except Exception:  # noqa: BLE001  (a store being created or repaired: next poll)
+            return
+        job = st.job
+        for r in s.rows:
+            if r.state != "not run here" and seen.get(r.shard, 0) != r.done:
+                seen[r.shard] = r.done
+                rate = f"{r.rate:.1f} {job.throughput}" if r.rate else "-"
+                out.print(
+                    f"shard {r.shard}: {r.done}/{plural(r.total, job.row_word)}, {rate}, "
+                    f"ETA {fmt_eta(s.eta_s)}",
+                    markup=False,
+                )
+
+    return poll
+
+
+def _wait_or_stop(record: dict, on_change=None, on_poll=None) -> None:
     """Wait for launched shards; on Ctrl-C or SIGTERM stop the local ones (each finishes the
     unit it is writing and records itself interrupted), then exit 130 with the one line."""
     from calibjob.core import interrupts
@@ -241,7 +272,7 @@ def _wait_or_stop(record: dict, on_change=None) -> None:
 
     interrupts.set_graceful(True)
     try:
-        lz.wait(record, on_change)
+        lz.wait(record, on_change, on_poll)
     except KeyboardInterrupt:
         interrupts.set_graceful(False)
         left = lz.stop_local(record)

@@ -199,8 +199,11 @@ def profile_report(
         calibjob profile-report out/profile.zarr -o out/report --export stats.npz
     """
     import calibjob.profile.report as report
+    from calibjob.errors import ConfigError
     from calibjob.profile import stats as pstats
 
+    if timesteps < 1:
+        raise ConfigError(f"--timesteps must be at least 1, got {timesteps}")
     report.check_outputs(output, export, force)
     prof = pstats.load(store)
     chosen = [x.strip() for x in layers.split(",") if x.strip()] if layers else None

@@ -19,7 +19,7 @@ from calibjob.cli.base import (
     print_result,
 )
 from calibjob.cli.help import Command
-from calibjob.config import JobConfig
+from calibjob.config import JobConfig, spec_names
 
 _PAPER = JobConfig()  # the paper's defaults, shown in --help from their one home
 _H, _W = _PAPER.latent_size
@@ -39,9 +39,12 @@ def _latent_side(value: str) -> int:
 @app.command(cls=Command)
 def run(
     job: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            "--job", metavar="FILE", help="Job spec (TOML) in jobs/; flags override its fields."
+            "--job",
+            metavar="NAME|FILE",
+            help=f"Job spec: a shipped one by name ({', '.join(spec_names())}) or a TOML "
+            "file; flags override its fields.",
         ),
     ] = None,
     store: Annotated[
@@ -270,6 +273,6 @@ def job_flags_config(args: list[str]) -> tuple[JobConfig, Path | None, bool]:
         params.pop(k, None)
     c = params.get("compile")
     params["compile"] = None if c is None else ("on" if c else "off")
-    return build_config(Path(job) if job else None, **params), output, force
+    return build_config(job, **params), output, force
 
 

@@ -18,14 +18,17 @@ from collections.abc import Callable
 EXIT_INTERRUPTED = 130
 
 _store: str | None = None
-_safe_line: Callable[[str], str] | None = None
+_safe_line: Callable[[str], tuple[str, bool]] | None = None
 _graceful = False
 _stopping = False
 
 
-def watch_store(location: str | None, safe_line: Callable[[str], str] | None = None) -> None:
+def watch_store(
+    location: str | None, safe_line: Callable[[str], tuple[str, bool]] | None = None
+) -> None:
     """The store the message should report on, and how to say what in it is safe (given the
-    location; e.g. 'N of M trajectories are safe in STORE'), read when the signal comes."""
+    location: 'N of M trajectories are safe in STORE', and whether that is all of them), read
+    when the signal comes."""
     global _store, _safe_line
     _store = location
     if safe_line is not None:
@@ -45,7 +48,9 @@ def message() -> str:
     try:
         if _safe_line is None:
             raise LookupError
-        safe = _safe_line(_store)
+        safe, complete = _safe_line(_store)
+        if complete:  # a signal as the command ends: nothing is left to continue
+            return f"calibjob: interrupted after the work was done: {safe}"
     except FileNotFoundError:
         return f"calibjob: interrupted before the store {_store} was created; nothing written"
     except Exception:  # noqa: BLE001  (a damaged store: still one line)
@@ -62,6 +67,12 @@ def _handler(signum, frame) -> None:
         print(message(), file=sys.stderr, flush=True)
     finally:
         os._exit(EXIT_INTERRUPTED)
+
+
+def ignore() -> None:
+    """The command's work is over: later signals are ignored (the process is only exiting)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def install() -> None:

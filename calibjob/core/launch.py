@@ -278,8 +278,13 @@ def task_states(record: dict) -> dict[str, str]:
     return states
 
 
-def wait(record: dict, on_change: Callable[[str, str], None] | None = None) -> dict[str, str]:
-    """Poll the record's tasks until none is pending or running; return their final states."""
+def wait(
+    record: dict,
+    on_change: Callable[[str, str], None] | None = None,
+    on_poll: Callable[[], None] | None = None,
+) -> dict[str, str]:
+    """Poll the record's tasks until none is pending or running; return their final states.
+    `on_change(shard, state)` on each change of a task's state, `on_poll()` on every poll."""
     last: dict[str, str] = {}
     while True:
         states = task_states(record)
@@ -287,6 +292,8 @@ def wait(record: dict, on_change: Callable[[str, str], None] | None = None) -> d
             if st != last.get(shard) and on_change is not None:
                 on_change(shard, st)
         last = states
+        if on_poll is not None:
+            on_poll()
         if not any(st in LIVE for st in states.values()):
             return states
         time.sleep(POLL_S)

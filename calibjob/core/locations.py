@@ -110,6 +110,10 @@ class Location:
         with contextlib.suppress(FileNotFoundError):
             sync(self.zstore.delete(key))
 
+    def delete_tree(self, prefix: str) -> None:
+        """Everything under `prefix` (a Zarr node and its chunks)."""
+        sync(self.zstore.delete_dir(prefix))
+
     def list_dir(self, prefix: str) -> list[str]:
         """Names directly under `prefix` (children of a folder or prefix), without parsing."""
 
@@ -205,8 +209,10 @@ class Folder(Location):
                     f"{self.url} is a folder holding other files ({shown}); a store path must "
                     f"be absent, empty or a calibjob store: choose another store path"
                 )
+        if not p.parent.is_dir():  # the rule of every output: its folder must exist
+            raise StoreError(f"folder {p.parent} does not exist; create it or choose another store")
         try:
-            p.mkdir(parents=True, exist_ok=True)
+            p.mkdir(exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create store folder {p}: {e.strerror}") from None
 
@@ -234,7 +240,7 @@ class Objects(Location):
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001  (no bucket, no credentials, no network...)
-            raise StoreError(f"cannot read {self.url}: {type(e).__name__}: {e}") from None
+            raise StoreError(objects.explain(self.url, e)) from None
 
     def write_atomic(self, key: str, data: bytes) -> None:
         self.write(key, data)

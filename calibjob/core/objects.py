@@ -63,6 +63,32 @@ def _s3_options() -> dict[str, Any]:
     return {"client_options": {"allow_http": True}} if endpoint.startswith("http://") else {}
 
 
+CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS (a service account's JSON key file)",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY",
+}
+
+
+def explain(url: str, e: BaseException) -> str:
+    """One line for an object-store failure (the client's own message runs to 25 lines)."""
+    text = " ".join(str(e).split())
+    aliases = {"s3a": "s3", "azure": "az", "abfs": "az", "abfss": "az"}
+    scheme = aliases.get(_scheme(url), _scheme(url))
+    if "169.254.169.254" in text or "token request" in text or "credential" in text.lower():
+        need = CREDENTIALS.get(scheme, "the provider's credential variables")
+        return f"{url}: no credentials found: set {need}"
+    if "403" in text or "Forbidden" in text or "AccessDenied" in text:
+        return f"{url}: access denied (the credentials found are not allowed to read it)"
+    if "404" in text or "NoSuchBucket" in text or "not found" in text.lower():
+        return f"{url}: no such bucket"
+    if "error sending request" in text or "Connection refused" in text or "dns" in text:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        where = endpoint or f"the {scheme}:// service"
+        return f"{url}: cannot reach {where} (check the network and the endpoint)"
+    return f"{url}: {type(e).__name__}: {text.split(' Debug source')[0][:200]}"
+
+
 def object_store(url: str):
     """The obstore store for `url` (its path becomes the prefix), or None for other schemes."""
     if _scheme(url) not in OBJECT_SCHEMES:

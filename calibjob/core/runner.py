@@ -118,12 +118,20 @@ class _Writer:
 
 def _record(store: JobStore, shards: list[Shard], **info) -> None:
     """Update the shards' progress records, keeping what they said before (a run that finds
-    nothing to do keeps the throughput and peak of the run that did the work)."""
+    nothing to do keeps the throughput and peak of the run that did the work). A worker that
+    has not reached its unit loop yet is 'starting' and keeps the state before it, which
+    `status` shows if it dies there (a Ctrl-C while the model loads leaves an interrupted
+    shard interrupted)."""
     records = store.progress()
     for sh in shards:
         old = records.get(str(sh), {})
         old = {k: v for k, v in old.items() if k not in ("shard", "updated", "damaged")}
-        store.record_progress(str(sh), {**old, **info})
+        new = {**old, **info}
+        if info.get("state") == "starting":
+            new["before"] = old.get("state") if old.get("state") != "starting" else old.get(
+                "before"
+            )
+        store.record_progress(str(sh), new)
 
 
 def run_shards(
@@ -142,6 +150,8 @@ def run_shards(
     loc = open_location(location)
     session = session or job.session(spec, loc.url)
     store = JobStore.create_or_open(loc, job, spec, session.store_meta)
+    if store.note:
+        err.print(f"calibjob: {store.note}", markup=False)
     with loc.lock():
         sweep_dead(loc, lease_ttl_s)
         mended = store.repair()
@@ -149,7 +159,7 @@ def run_shards(
     if mended:
         err.print(f"calibjob: repaired {', '.join(mended)} in {store.path}", markup=False)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    _record(store, shards, state="running", **me)
+    _record(store, shards, state="starting", **me)
     plain = job.plain_units(store.config, store.meta)
     mine = {u.index: u for sh in shards for u in sh.units(plain)}
     recomputed = store.verify_rows(sorted(k for u in mine.values() for k in u.rows))
@@ -196,6 +206,7 @@ def run_shards(
             state="running", peak_memory_gb=round(peak_memory_gb(), 2), **me,
         )  # fmt: skip
 
+    _record(store, shards, state="running", **me)
     writer = _Writer(store, lease_ttl_s)
     ran: list[Unit] = []
     lost: list[int] = []

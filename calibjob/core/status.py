@@ -32,7 +32,8 @@ class ShardRow:
     total: int
     rate: float | None
     last_seen_s: float | None
-    state: str  # running, finished, interrupted, running elsewhere, not run here, unknown
+    state: str  # starting, running, finished, interrupted, stopped, running elsewhere, not run
+    # here, unknown
     peak_memory_gb: float | None = None  # the most MLX memory the shard's worker held
 
 
@@ -127,11 +128,14 @@ def store_status(
         seen = now - info["updated"] if "updated" in info else None
         r = info.get("rate", info.get("traj_steps_per_s"))
         state = str(info.get("state", "running"))
-        if state == "running" and not _live(info, seen, claims, sh, units):
-            state = "stopped"
-        if shard_done == len(trajs) and state in ("running", "stopped", "running elsewhere"):
+        if state in ("running", "starting") and not _live(info, seen, claims, sh, units):
+            # died: in its loop (stopped), or before it (the state it found stands)
+            state = "stopped" if state == "running" else str(info.get("before") or "stopped")
+        if shard_done == len(trajs) and state in (
+            "running", "starting", "stopped", "running elsewhere", "interrupted"
+        ):
             state = "finished"
-        if state == "running":
+        if state in ("running", "starting"):
             live += 1
             if r:
                 rate += r

@@ -41,7 +41,7 @@ from calibjob.core.arrays import canonical_docs, ensure_arrays
 from calibjob.core.job import Job, Layout
 from calibjob.core.locations import Location, open_location
 from calibjob.core.spec import Spec, describe_differences
-from calibjob.errors import ConfigError, StoreDamaged, StoreError
+from calibjob.errors import StoreDamaged, StoreError
 
 FORMAT = "calibjob-store/1"
 ATTR = "calibjob"
@@ -117,6 +117,7 @@ class JobStore:
     def __init__(self, loc: Location, root: zarr.Group, job: Job, config: Spec, meta: dict):
         self.loc, self.root, self.job, self.config, self.meta = loc, root, job, config, meta
         self.layout: Layout = job.layout(config, meta)
+        self.note = ""  # what the user should hear about how the store was opened
 
     @property
     def location(self) -> str:
@@ -180,27 +181,55 @@ class JobStore:
             if loc.exists(RECORD_KEY):
                 store = cls.open(loc, {job.name: job})
                 diff = store.config.differing(spec)
-                if diff:
-                    details = describe_differences(
-                        diff, store.config.to_dict(), spec.to_dict()
-                    )
-                    raise StoreError(
-                        f"{loc} holds {job.another} ({details}); to continue that job run "
-                        f"`calibjob resume {loc}`, or give this one another store"
-                    )
-                ensure_arrays(store.root, store.layout)  # a creation killed half-way
-                return store
-            record = {
-                "format": FORMAT, "job": job.name, "config": spec.to_dict(),
-                "fingerprint": spec.fingerprint(), "versions": package_versions(),
-                "created": time.time(), **(extra if extra is not None else meta()),
-            }  # fmt: skip
-            # mode "a", not "w": "w" empties the folder or prefix first, lock and logs included
-            root = zarr.open_group(loc.zarr_store(), mode="a")
-            root.create_group("job", attributes={ATTR: record}, overwrite=True)
-            store = cls(loc, root, job, spec, record)
-            ensure_arrays(root, store.layout)
-            return store
+                if not diff:
+                    ensure_arrays(store.root, store.layout)  # a creation killed half-way
+                    return store
+                details = describe_differences(diff, store.config.to_dict(), spec.to_dict())
+                if not store.holds_work():  # e.g. its first run failed to load the model
+                    store.clear()
+                    fresh = cls._create(loc, job, spec, extra if extra is not None else meta())
+                    fresh.note = f"{loc} held no work yet ({details}); it now holds this job"
+                    return fresh
+                raise StoreError(
+                    f"{loc} holds {job.another} ({details}); to continue that job run "
+                    f"`calibjob resume {loc}`, or give this one another store"
+                )
+            return cls._create(loc, job, spec, extra if extra is not None else meta())
+
+    @classmethod
+    def _create(cls, loc: Location, job: Job, spec: Spec, extra: dict) -> JobStore:
+        """The job record (a leaf group whose attrs are written in one write), then the arrays:
+        a reader never sees a job without its spec; a creation killed before the arrays is
+        finished by the next `create_or_open`. Under the lock."""
+        record = {
+            "format": FORMAT, "job": job.name, "config": spec.to_dict(),
+            "fingerprint": spec.fingerprint(), "versions": package_versions(),
+            "created": time.time(), **extra,
+        }  # fmt: skip
+        # mode "a", not "w": "w" empties the folder or prefix first, lock and logs included
+        root = zarr.open_group(loc.zarr_store(), mode="a")
+        root.create_group("job", attributes={ATTR: record}, overwrite=True)
+        store = cls(loc, root, job, spec, record)
+        ensure_arrays(root, store.layout)
+        return store
+
+    def holds_work(self) -> bool:
+        """Whether anything of this store is worth keeping: prepared arrays, a done row, or a
+        unit a live worker computes."""
+        from calibjob.core.leases import DEFAULT_TTL_S, live_leases
+
+        mask, damaged = self.read_markers()
+        return self.prepared or bool(mask.any() or damaged) or bool(
+            live_leases(self.loc, DEFAULT_TTL_S)
+        )
+
+    def clear(self) -> None:
+        """Remove the job from a store that holds no work (its record last: a kill in between
+        leaves a store the next `create_or_open` finishes). Under the lock."""
+        names = [*self.layout.arrays, "done", "progress", PREPARED, *self.job.prepared]
+        for name in names:
+            self.loc.delete_tree(name)
+        self.loc.delete_tree("job")
 
     def reload(self, mode: str = "r+") -> JobStore:
         return JobStore.open(self.loc, {self.job.name: self.job}, mode)
@@ -466,14 +495,3 @@ class JobStore:
 
 def _group_doc() -> bytes:
     return json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}).encode()
-
-
-def check_same_job(stores: list[JobStore]) -> None:
-    """Refuse a set of stores that are not the same job."""
-    first = stores[0]
-    for s in stores[1:]:
-        if s.job is not first.job or s.fingerprint != first.fingerprint:
-            diff = first.config.differing(s.config) if s.job is first.job else ["job"]
-            raise ConfigError(
-                f"{s.path} is a different job from {first.path} (differs in: {', '.join(diff)})"
-            )

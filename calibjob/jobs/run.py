@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from calibjob.checkpoints import check_local_ckpt
 from calibjob.config import JobConfig, canonical_model
 from calibjob.core.job import ArraySpec, Job, Layout, Session
 from calibjob.core.progress import peak_memory_gb
 from calibjob.core.store import JobStore
-from calibjob.errors import ConfigError, StoreError
+from calibjob.errors import StoreError
 from calibjob.prompts import read_prompts
 
 LATENT_CHANNELS = 16  # SD3's VAE latent channels
@@ -96,21 +96,6 @@ def resolve_config(cfg: JobConfig, existing: JobConfig | None, share: int = 1) -
     if cfg.max_memory > 0 and existing is None:
         device.note_encode_over(cfg.model_version, cfg.dtype, cfg.max_memory)
     return cfg
-
-
-def check_local_ckpt(path: str | None) -> None:
-    """A missing or unreadable --local-ckpt is named before anything loads (DiffusionKit would
-    otherwise report a hub error about another file)."""
-    if path is None:
-        return
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"--local-ckpt {path}: no such file")
-    try:
-        with open(p, "rb") as f:
-            f.read(8)
-    except OSError as e:
-        raise ConfigError(f"--local-ckpt {path}: cannot read it ({e.strerror})") from None
 
 
 # ---- the session: encode once, then denoise units ------------------------------------------

@@ -18,6 +18,8 @@ from calibjob.models.text import TextEncoders, make_t5_safe
 def _fetching(what: str, repo: str, fn, /, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
+    except ModelUnavailable:
+        raise
     except Exception as e:  # hub errors come in many classes (offline, gated, 404, OSError)
         why = first_sentence(str(e))
         where = (
@@ -58,15 +60,20 @@ def load_mmdit(key: str, dtype: mx.Dtype, local_ckpt: str | None = None) -> MMDi
     """The real MMDiT, with DiffusionKit's low-memory SDPA flag off (MLX >= 0.24.2 rejects it)."""
     _prepare(key, local_ckpt, dtype)
     float16 = dtype != mx.float32
-    return _fetching(
-        "MMDiT",
-        key,
-        model_io.load_mmdit,
-        key=key,
-        float16=float16,
-        model_key=key,
-        low_memory_mode=False,
-    )
+
+    def load() -> MMDiT:
+        try:
+            return model_io.load_mmdit(
+                key=key, float16=float16, model_key=key, low_memory_mode=False
+            )
+        except ValueError as e:
+            if local_ckpt and "parameters" in str(e):  # the file's tensors do not fit
+                from calibjob.checkpoints import mismatch
+
+                raise ModelUnavailable(mismatch(local_ckpt, key, str(e))) from None
+            raise
+
+    return _fetching("MMDiT", key, load)
 
 
 def load_text_encoders(key: str, dtype: mx.Dtype) -> TextEncoders:

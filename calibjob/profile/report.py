@@ -117,11 +117,19 @@ def targets(out_dir: Path, export: Path | None) -> list[Path]:
 
 
 def check_outputs(out_dir: Path, export: Path | None, force: bool) -> None:
-    """Refuse to overwrite any output without --force (the project's one rule for outputs)."""
+    """The one rule for outputs (calibjob.outputs), for the figures and the export, before
+    anything is written."""
+    from calibjob.outputs import NPZ_FORMATS, check_writable
+
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file, not a folder")
-    if export is not None and not export.parent.is_dir() and export.parent != out_dir:
-        raise ConfigError(f"output folder {export.parent} does not exist")
+    if export is not None:
+        if export.suffix.lower() not in NPZ_FORMATS:
+            raise ConfigError(f"{export}: the export is an .npz file; name it with .npz")
+        if not export.parent.is_dir() and export.parent != out_dir:
+            raise ConfigError(f"output folder {export.parent} does not exist")
+    if out_dir.is_dir():
+        check_writable(out_dir)
     there = [p for p in targets(out_dir, export) if p.exists()]
     if there and not force:
         raise ConfigError(
@@ -157,7 +165,10 @@ def write_figures(prof: Profile, out_dir: Path, *, layers: list[str] | None = No
         written.append(path)
 
     all_layers = prof.layers
-    cmap = plt.get_cmap("viridis")
+    viridis = plt.get_cmap("viridis")
+
+    def cmap(x: float):  # viridis without its pale yellow end, which vanishes on white
+        return viridis(0.85 * x)
 
     # 1. median channel range against the timestep, one line per layer, a panel per input
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2), sharex=True)
@@ -169,8 +180,8 @@ def write_figures(prof: Profile, out_dir: Path, *, layers: list[str] | None = No
             med = np.median(prof[layer, inp].range, axis=1)
             meds.append(med)
             style = "-" if layer.endswith("_img") or layer.startswith("uni") else "--"
-            ax.plot(ts, med, style, color=cmap(i / max(1, len(all_layers) - 1)), lw=1.2,
-                    label=layer, marker="o", ms=2.5)
+            ax.plot(ts, med, style, color=cmap(i / max(1, len(all_layers) - 1)), lw=1.6,
+                    label=layer, marker="o", ms=3)
         ax.set_title(inp)
         ax.set_xlabel("timestep t")
         spread = np.concatenate(meds) if meds else np.ones(1)
@@ -180,8 +191,9 @@ def write_figures(prof: Profile, out_dir: Path, *, layers: list[str] | None = No
     axes[0].invert_xaxis()  # shared: once for all panels (denoising order, t = 1000 first)
     axes[0].set_ylabel("median channel range (max - min)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
-               title="layer (solid: image, dashed: text)", title_fontsize=7)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9,
+               title="layer (solid: image, dashed: text)", title_fontsize=9,
+               ncol=1 + len(labels) // 30)  # fmt: skip
     fig.suptitle("Median channel range of each linear layer's input across timesteps")
     fig.tight_layout()
     save(fig, FIGURES[0])
@@ -218,39 +230,47 @@ def write_figures(prof: Profile, out_dir: Path, *, layers: list[str] | None = No
         top = top_channels(r)
         ch = np.arange(len(r))
         ax.bar(ch, r, width=1.0, color="0.6")
-        ax.bar(top, r[top], width=1.0, color="crimson",
-               label=f"top {OUTLIER_SHARE:.0%} ({len(top)} channels)")
+        word = "channel" if len(top) == 1 else "channels"
+        ax.bar(top, r[top], width=max(1.0, len(r) / 300), color="crimson",
+               label=f"top {OUTLIER_SHARE:.0%} ({len(top)} {word})")
+        ax.plot(top, r[top], "v", color="crimson", ms=5, clip_on=False)  # findable when thin
         ax.axhline(np.median(r), color="k", lw=0.8, ls=":", label="median")
         ax.set_xlim(-0.5, len(r) - 0.5)
         ax.set_ylabel("range")
         ax.set_title(f"{layer} {inp}: per-channel range over all timesteps")
-        ax.legend(fontsize=7, loc="upper right")
+        # outside the axes: the top channels are the bars that matter, never under a legend
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
     axes[-1, 0].set_xlabel("channel")
     fig.tight_layout()
     save(fig, FIGURES[2])
 
     # 4. heatmap: layers x timesteps, median channel range, a panel per input
-    fig, axes = plt.subplots(1, 4, figsize=(17, 0.22 * len(all_layers) + 2.2), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 0.3 * len(all_layers) + 2.4), sharey=True)
+    magma = plt.get_cmap("magma").with_extremes(bad="0.85")  # grey: the layer has no such input
+    missing = 0
     for ax, inp in zip(axes, INPUTS, strict=True):
         grid = np.full((len(all_layers), len(ts)), np.nan)
         for i, layer in enumerate(all_layers):
             if (layer, inp) in prof.stats:
                 grid[i] = np.median(prof[layer, inp].range, axis=1)
-        im = ax.imshow(np.log10(grid), aspect="auto", cmap="magma", interpolation="nearest")
+            else:
+                missing += 1
+        im = ax.imshow(np.log10(grid), aspect="auto", cmap=magma, interpolation="nearest")
         ax.set_title(inp)
         _time_ticks(ax, ts)
         fig.colorbar(im, ax=ax, label="log10 median range", fraction=0.05)
-    axes[0].set_yticks(range(len(all_layers)), all_layers, fontsize=6)
-    fig.suptitle("Median channel range, layers x timesteps")
+    axes[0].set_yticks(range(len(all_layers)), all_layers, fontsize=9)
+    note = " (grey: no such input, e.g. the last text block has no MLP)" if missing else ""
+    fig.suptitle(f"Median channel range, layers x timesteps{note}")
     fig.tight_layout()
     save(fig, FIGURES[3])
 
     # 5. heatmap: fraction of negative post-GELU values
     mlp = [layer for layer in all_layers if (layer, "fc2_in") in prof.stats]
     grid = np.array([prof[layer, "fc2_in"].negative_fraction for layer in mlp])
-    fig, ax = plt.subplots(figsize=(7, 0.22 * len(mlp) + 2.2))
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(mlp) + 2.4))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(mlp)), mlp, fontsize=6)
+    ax.set_yticks(range(len(mlp)), mlp, fontsize=9)
     _time_ticks(ax, ts)
     fig.colorbar(im, ax=ax, label="fraction of values < 0")
     ax.set_title("Negative post-GELU values (fc2_in), layers x timesteps")
@@ -261,5 +281,5 @@ def write_figures(prof: Profile, out_dir: Path, *, layers: list[str] | None = No
 
 def _time_ticks(ax, ts: np.ndarray) -> None:
     idx = pick_timesteps(ts, 6)
-    ax.set_xticks(idx, [f"{ts[i]:.0f}" for i in idx], fontsize=7)
+    ax.set_xticks(idx, [f"{ts[i]:.0f}" for i in idx], fontsize=9)
     ax.set_xlabel("timestep t")
