@@ -80,7 +80,7 @@ def mismatch(path: str, model: str, error: str) -> str:
     if m:
         names = [x.strip().rstrip(".") for x in m.group(3).split(",") if x.strip()]
         kind = "unexpected" if m.group(1) == "Received" else "of the model's missing"
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
         what = f"{m.group(2)} tensors {kind} ({shown})"
     else:
         what = " ".join(error.split())[:160]

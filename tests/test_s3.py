@@ -140,3 +140,20 @@ def test_object_lock_excludes_a_live_holder_and_takes_over_a_dead_one(s3):
     assert 1.0 <= waited < 10.0
     with pytest.raises(FileNotFoundError):
         obstore.head(object_store(url), "L")
+
+
+def test_a_profile_store_on_s3_equals_a_local_one(s3, prompt_file, tmp_path_factory, tmp_path):
+    from calibjob.profile.stats import export, load
+
+    ref = reference(prompt_file, tmp_path_factory.mktemp("reference"))
+    url = f"s3://{BUCKET}/profiles/p.zarr"
+    local = tmp_path / "local.zarr"
+    cli("profile", str(ref), "--store", str(local), "--no-progress")
+    for i in range(2):  # two shards, one after the other, into the bucket
+        cli("profile", str(ref), "--store", url, "--shard", f"{i}/2", "--no-progress", env=s3)
+    st = cli("status", url, env=s3)
+    assert "complete: ready for `calibjob profile-report`" in st.stdout, st.stdout
+    assert "nothing left to do" in cli("resume", url, env=s3).stdout
+    export(load(url), tmp_path / "s3.npz")
+    export(load(local), tmp_path / "local.npz")
+    assert (tmp_path / "s3.npz").read_bytes() == (tmp_path / "local.npz").read_bytes()

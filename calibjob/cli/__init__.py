@@ -22,7 +22,7 @@ def main() -> None:
     """Console-script entry: run the app, turning expected failures into one-line errors."""
     interrupts.install()
     try:
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="calibjob")
     except CalibjobError as e:
         fail(str(e).replace("[", r"\["))
     except OSError as e:  # a full disk, a permission, a vanished file: the OS's own words

@@ -35,7 +35,7 @@ from calibjob.core.store import DISK_FULL, JobStore
 from calibjob.core.words import fmt_ranges, plural
 from calibjob.errors import StoreError
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line stays one line, at any width
 
 
 @dataclass
