@@ -12,11 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import numpy as np  # noqa: E402
+from spec_loop import spec_trajectory  # noqa: E402
 
 from calibjob import models  # noqa: E402
 from calibjob.device import mx  # noqa: E402
 from calibjob.engine import Engine  # noqa: E402
-from spec_loop import spec_trajectory  # noqa: E402
 from calibjob.store import Store  # noqa: E402
 
 

@@ -7,12 +7,14 @@ purpose: no batching, no reuse, exactly PHASE1's `x_cali_list.append(x)` before 
 
 from __future__ import annotations
 
+import calibjob.diffusionkit_imports  # noqa: F401  (before MLX and DiffusionKit)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 from diffusionkit.mlx import CFGDenoiser, DiffusionPipeline, to_d
 from mlx.utils import tree_flatten
 
-import calibjob.device  # noqa: F401  (OpenBLAS before MLX)
 from calibjob.models import Model
 
 

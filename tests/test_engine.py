@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import PROMPTS
 from mlx.utils import tree_flatten
+from spec_loop import spec_trajectory
 
 from calibjob.engine import Engine
 from calibjob.models import Model, load
-from spec_loop import spec_trajectory
 from calibjob.selection import initial_noise
 
 STEPS, SEED, CFG, LATENT = 8, 11, 1.5, (32, 32)

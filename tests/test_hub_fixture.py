@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import hub_fixture as hf
 import pytest
 
-import calibjob.device  # noqa: F401  (OpenBLAS before MLX)
-import hub_fixture as hf
+import calibjob.diffusionkit_imports  # noqa: F401  (before MLX and DiffusionKit)
 
 mx = pytest.importorskip("mlx.core")
 from diffusionkit.mlx import model_io  # noqa: E402

@@ -23,8 +23,9 @@ LATENT = (32, 32)
 @pytest.fixture(scope="module")
 def spec_file() -> dict[str, np.ndarray]:
     """The arrays the spec's script would save for this job (tiny model, CPU float32)."""
-    from calibjob.models import load
     from spec_loop import spec_trajectory
+
+    from calibjob.models import load
 
     model = load("tiny", shift=3.0)
     pairs = [model.encode([p]) for p in PROMPTS]  # the spec encodes one prompt at a time
