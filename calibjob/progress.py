@@ -46,6 +46,22 @@ def fmt_eta(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
+def announce_start(
+    shard: str, trajectories: int, units: int, model: str, mode: bool | None, console: Console
+) -> None:
+    """`run`'s first line, before DiffusionKit imports and the model loads (seconds on a CPU, a
+    minute or more for SD3's weights): the worker says at once what it took on. Silent under
+    --no-progress, like the progress lines it precedes (and starting as they do)."""
+    if mode is False:
+        return
+    print(
+        f"calibjob: shard {shard}: {plural(trajectories, 'trajectory')} in "
+        f"{plural(units, 'unit')} to compute; loading {model}",
+        file=console.file,
+        flush=True,
+    )
+
+
 class ShardProgress:
     """Counts a shard's denoising steps and shows them (bar, log lines, or nothing)."""
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+import calibjob
 from calibjob.config import JobConfig
 from calibjob.errors import ConfigError, StoreError
-from calibjob.progress import ShardProgress, peak_memory_gb
+from calibjob.progress import ShardProgress, announce_start, peak_memory_gb
 from calibjob.prompts import read_prompts
 from calibjob.shards import ALL, Shard, Unit, work_units
 from calibjob.store import DISK_FULL, Store
@@ -35,12 +36,13 @@ class RunResult:
     units_run: int
     trajectories_run: int
     recomputed: list[int]
-    seconds: float  # wall time of the whole run: load, encode, denoise, writes
+    seconds: float  # wall time of the whole run (from the process start under the console entry)
     traj_steps_per_s: float  # denoising throughput (progress.py's one definition)
     denoise_seconds: float = 0.0
     units_elsewhere: list[int] = field(default_factory=list)  # held by other live workers
     held_by: dict[int, str] = field(default_factory=dict)
-    # phase -> (seconds, peak GB of MLX memory in it): load_text, encode, load_mmdit, denoise
+    # phase -> (seconds, peak GB of MLX memory in it): startup (the console entry's imports),
+    # load_text, encode, load_mmdit, denoise
     phases: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
@@ -221,7 +223,7 @@ def run_shard(
     from calibjob import interrupts
     from calibjob.claims import Claims
 
-    t0 = time.perf_counter()
+    t0 = calibjob.process_start or time.perf_counter()  # the console entry's: imports count
     interrupts.watch_store(str(store_path))
     store = Store.create_or_open(store_path, cfg)
     mended = prepare_store(store)
@@ -258,10 +260,14 @@ def run_shard(
             sorted(elsewhere), {u: c.describe() for u, c in elsewhere.items()},
         )  # fmt: skip
 
+    announce_start(shard_name, sum(len(u.trajectories) for u in todo), len(todo),
+                   store.config.model_version, show_progress, err)  # fmt: skip
     from calibjob.engine import Engine
 
+    startup = {"startup": (time.perf_counter() - t0, peak_memory_gb())}
     cfg = store.config
     model, phases = load_encoded(store)
+    phases = {**startup, **phases} if calibjob.process_start else phases
     store = store.reload()
     cs, cs_pooled = store.conditioning()
     engine = Engine(
