@@ -66,8 +66,8 @@ def kernel_cache_root() -> Path | None:
 
 
 def nvidia_gpu_models() -> list[str]:
-    """This machine's NVIDIA GPU models, from the driver's /proc files: no CUDA, no subprocess,
-    nothing on a machine without the driver."""
+    """This machine's NVIDIA GPU models, from the driver's /proc files (no CUDA, no process);
+    where a container hides them, from nvidia-smi; none on a machine without the driver."""
     models = set()
     for info in Path("/proc/driver/nvidia/gpus").glob("*/information"):
         try:
@@ -78,6 +78,17 @@ def nvidia_gpu_models() -> list[str]:
             key, _, value = line.partition(":")
             if key.strip() == "Model" and value.strip():
                 models.add(value.strip())
+    if not models and shutil.which("nvidia-smi"):
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        models = {line.strip() for line in out.splitlines() if line.strip()}
     return sorted(models)
 
 
