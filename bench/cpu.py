@@ -129,8 +129,8 @@ def synthetic_store(path: Path, model) -> tuple[float, int]:
 
 
 # the same figures on main before issue 21 (826f1b1, torch 2.13.0 and coremltools 9.0 in the
-# environment), this 2-core machine idle, 2026-12-03, by the same functions; the issue's own
-# figure for the import was 8.4 s idle, 17 s busy
+# environment), this 2-core machine idle, 2026-12-03, measured the same way (the console script
+# for the processes); the issue's own figure for the import was 8.4 s idle, 17 s busy
 BEFORE = {"import_s": 3.49, "help_s": 0.20, "status_s": 0.69, "first_line_s": 6.70}
 STARTUP_TARGET_S = 1.5  # --help, status, run's first line
 IMPORT_MODELS = "import time; t = time.perf_counter(); import calibjob.models; " \
@@ -306,8 +306,9 @@ def main() -> None:
                   f"before: {BEFORE[key]:.2f}; {how}; median of 3")  # fmt: skip
     con.print(t)
     con.print(
-        "[dim]before: main at 826f1b1 (torch and coremltools imported with DiffusionKit), the "
-        "same functions, this machine idle; its first line came only after the first unit[/dim]"
+        "[dim]before: main at 826f1b1 (torch and coremltools imported with DiffusionKit), "
+        "measured the same way, this machine idle; its first line came only after the first "
+        "unit[/dim]"
     )
     con.print(f"[dim]bench wall time {r['bench_s']:.0f} s[/dim]")
     if args.json:
