@@ -7,21 +7,19 @@ MODEL  ?= tiny
 OUT    ?= out
 
 # MLX backend: mlx[cpu] on Linux (default) or mlx[cuda13] with `make install MLX=cuda`;
-# plain mlx (Metal) on macOS. torch is only imported by DiffusionKit's helper package:
-# on Linux take the CPU build (this machine kind keeps torch 2.13.0 on disk).
+# plain mlx (Metal) on macOS.
 ifeq ($(UNAME),Darwin)
   MLX   ?=
-  TORCH ?= torch
 else
   MLX   ?= cpu
-  TORCH ?= torch==2.13.0
 endif
 comma  := ,
 EXTRAS := s3$(if $(MLX),$(comma)$(MLX))
 
 .PHONY: install install-test dry-run test test-fast lint bench clean
 
-# a user's runtime: calibjob, MLX, DiffusionKit and what it imports, obstore for S3 stores
+# a user's runtime: calibjob, MLX, DiffusionKit and what its MLX code imports (no torch,
+# coremltools or argmaxtools), obstore for S3 stores
 install: $(VENV)/.installed
 # the runtime plus what the tests and the linter need (the `test` extra)
 install-test: $(VENV)/.installed-test
@@ -34,11 +32,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  else echo "note: no OpenBLAS and no root: MLX CPU will use the slow reference BLAS"; fi; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
-	@# DiffusionKit pins mlx==0.17.3 (macOS-only, no CUDA): install it and its helper without
-	@# their pins; pyproject.toml lists the packages their code really imports.
-	$(BIN)/pip install -q --no-deps diffusionkit==0.5.2 argmaxtools==0.1.23
+	@# DiffusionKit pins mlx==0.17.3 (macOS-only, no CUDA) and requires torch and argmaxtools
+	@# for its PyTorch code: install it without its requirements; pyproject.toml lists what its
+	@# MLX code imports, and calibjob/diffusionkit_imports.py stands in for the rest.
+	$(BIN)/pip install -q --no-deps diffusionkit==0.5.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

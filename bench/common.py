@@ -18,6 +18,7 @@ for _p in (ROOT, ROOT / "tests"):  # run as `python bench/x.py` from a checkout;
 
 import numpy as np  # noqa: E402
 
+import calibjob.diffusionkit_imports  # noqa: E402, F401  (DiffusionKit without torch)
 from calibjob import device  # noqa: E402
 from calibjob.device import mx  # noqa: E402  (mlx.core, after the OpenBLAS preload)
 

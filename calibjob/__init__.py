@@ -5,3 +5,7 @@ import `calibjob.models`.
 """
 
 __version__ = "0.1.0"
+
+# time.perf_counter() when the console entry (calibjob/__main__.py) began: `run` counts its
+# start-up (the imports) as a phase of its wall time from here. None in other processes.
+process_start: float | None = None

@@ -1,8 +1,14 @@
 """`calibjob` (the console script) and `python -m calibjob`: Ctrl-C and SIGTERM are handled
 from the first line on, before the command-line modules import (see interrupts.py)."""
 
-from calibjob.core import interrupts
+import time
 
+_start = time.perf_counter()  # before any import of ours: run's "startup" phase begins here
+
+import calibjob  # noqa: E402
+from calibjob.core import interrupts  # noqa: E402
+
+calibjob.process_start = _start
 interrupts.install()
 
 

@@ -223,17 +223,23 @@ def start_shards(
     log_dir: Path, slurm: lz.SlurmOptions,
 ) -> dict[str, dict]:
     """Submit the shards `todo` of `count`; each runs `run_task`."""
+    from calibjob.device import kernel_cache_env
+
     share = lz.device_share(executor, count)
     job.check_share(spec, share)  # before anything is written
     fields = spec.to_dict()
-    args = {str(Shard(i, count)): (job.name, fields, location, str(Shard(i, count)), share)
+    env = kernel_cache_env(location, log_dir)  # one kernel cache for all of a launch's tasks
+    args = {str(Shard(i, count)): (job.name, fields, location, str(Shard(i, count)), share, env)
             for i in todo}  # fmt: skip
     return lz.submit(run_task, args, location, count, executor, log_dir, slurm)
 
 
-def run_task(job_name: str, fields: dict, location: str, shard: str, share: int = 1) -> dict:
+def run_task(job_name: str, fields: dict, location: str, shard: str, share: int = 1,
+             env: dict[str, str] | None = None) -> dict:  # fmt: skip
     """One shard, as the job's own command does it with --shard i/n; picklable, for submitit.
-    `share`: workers on this shard's device, each planning for 1/share of its memory."""
+    `share`: workers on this shard's device, each planning for 1/share of its memory. `env`:
+    set before MLX loads (the launch's shared kernel cache)."""
+    os.environ.update(env or {})
     interrupts.install()  # Ctrl-C / SIGTERM: one line in the log, exit 130
     watch(location)
     sh = parse_shard(shard)

@@ -1,16 +1,26 @@
-"""MLX on this machine: the OpenBLAS preload, and the dtype and batch size for the device.
+"""MLX on this machine: the OpenBLAS preload, the kernel cache, and the dtype and batch size
+for the device.
 
 Import this module before anything imports `mlx.core`: on Linux the mlx-cpu wheel links
 netlib's reference BLAS, and loading OpenBLAS first (RTLD_GLOBAL) makes MLX bind to it
 (measured 5.7 -> 196 GFLOP/s fp32 on a 2-core x86_64 box). numpy's bundled OpenBLAS does not
-help: its symbols carry a prefix.
+help: its symbols carry a prefix. On an NVIDIA GPU, MLX compiles its kernels at first use and
+keeps them in MLX_PTX_CACHE_DIR, by default under /tmp, which a fresh machine does not have
+(the paper job's first unit took 47.5 s on a fresh H200, 3.2 s with the cache warm): see
+`use_kernel_cache`.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
+import re
+import shutil
 import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
 
 OPENBLAS_LOADED = False
 _warned = False
@@ -35,9 +45,143 @@ def preload_openblas() -> bool:
     return OPENBLAS_LOADED
 
 
-preload_openblas()
+# ---- MLX's CUDA kernel cache: kept per user, or shared by a launch's tasks ---------------------
 
-import mlx.core as mx  # noqa: E402  (must come after the preload)
+KERNEL_CACHE_ENV = "CALIBJOB_KERNEL_CACHE"  # the persistent cache's root; "off": MLX's default
+_PRIVATE_ENV = "CALIBJOB_MLX_PTX_PRIVATE"  # marks an MLX_PTX_CACHE_DIR set by calibjob itself
+KERNEL_CACHE_NAME = "calibjob-kernel-cache"  # a launch's shared cache, beside the store
+KERNEL_CACHE_DIR: Path | None = None  # the persistent cache this process reads and adds to
+
+
+def kernel_cache_root() -> Path | None:
+    """The persistent kernel cache's root: $CALIBJOB_KERNEL_CACHE (None for 'off'), else
+    $XDG_CACHE_HOME/calibjob/mlx-kernels, else ~/.cache/calibjob/mlx-kernels."""
+    value = os.environ.get(KERNEL_CACHE_ENV, "")
+    if value == "off":
+        return None
+    if value:
+        return Path(value).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "calibjob" / "mlx-kernels"
+
+
+def nvidia_gpu_models() -> list[str]:
+    """This machine's NVIDIA GPU models, from the driver's /proc files (no CUDA, no process);
+    where a container hides them, from nvidia-smi; none on a machine without the driver."""
+    models = set()
+    for info in Path("/proc/driver/nvidia/gpus").glob("*/information"):
+        try:
+            lines = info.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key.strip() == "Model" and value.strip():
+                models.add(value.strip())
+    if not models and shutil.which("nvidia-smi"):
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        models = {line.strip() for line in out.splitlines() if line.strip()}
+    return sorted(models)
+
+
+def kernel_cache_dir(root: Path, gpus: list[str]) -> Path | None:
+    """The cache for this MLX version and these GPUs under `root`. MLX names a cached kernel
+    by its module alone, and caches machine code for the GPU it compiled on, so one folder
+    must never serve two MLX versions or two GPU models."""
+    try:
+        version = metadata.version("mlx")
+    except metadata.PackageNotFoundError:
+        return None
+    gpu = "+".join(re.sub(r"[^A-Za-z0-9.]+", "-", g).strip("-") for g in gpus)
+    return root / f"mlx-{version}" / gpu
+
+
+def _copy_missing(src: Path, dst: Path, last_suffix: str = "") -> None:
+    """Copy the files under `src` that `dst` lacks, each through a temporary name and a rename,
+    so a reader of `dst` never sees half a file; files ending in `last_suffix` go last (MLX
+    looks a kernel up by its .ptx file and then reads its .txt). Best effort: a cache that
+    cannot be read or written costs only compile time."""
+    try:
+        files = sorted(
+            (f for f in src.rglob("*") if f.is_file() and not f.name.startswith(".")),
+            key=lambda f: bool(last_suffix) and f.name.endswith(last_suffix),
+        )
+        for f in files:
+            target = dst / f.relative_to(src)
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, target)
+    except OSError:
+        pass
+
+
+def _publish(private: Path, shared: Path) -> None:
+    """At exit: what this process compiled goes to the persistent cache, then its folder goes."""
+    _copy_missing(private, shared, last_suffix=".ptx")
+    shutil.rmtree(private, ignore_errors=True)
+
+
+def use_kernel_cache() -> Path | None:
+    """Give MLX a kernel cache that outlives the machine's /tmp, unless the user set
+    MLX_PTX_CACHE_DIR (then MLX uses theirs as it is). Only on a machine with an NVIDIA GPU.
+
+    MLX writes its cache files in place, not through a rename, so a process killed mid-write
+    would leave a half kernel that every later run loads and fails on, and a task reading a
+    shared cache could catch another node's file half-written. So MLX gets a private folder,
+    filled at start from the persistent cache (`kernel_cache_dir` under `kernel_cache_root`),
+    and what it compiled is copied back whole at exit. Returns the persistent cache."""
+    global KERNEL_CACHE_DIR
+    current = os.environ.get("MLX_PTX_CACHE_DIR")
+    if not sys.platform.startswith("linux") or (
+        current and current != os.environ.get(_PRIVATE_ENV)  # the user's, or a parent's
+    ):
+        return None
+    root = kernel_cache_root()
+    gpus = nvidia_gpu_models() if root is not None else []
+    shared = kernel_cache_dir(root, gpus) if root is not None and gpus else None
+    if shared is None:
+        return None
+    private = Path(tempfile.mkdtemp(prefix="calibjob-mlx-kernels-"))
+    _copy_missing(shared, private)
+    os.environ["MLX_PTX_CACHE_DIR"] = os.environ[_PRIVATE_ENV] = str(private)
+    atexit.register(_publish, private, shared)
+    KERNEL_CACHE_DIR = shared
+    return shared
+
+
+def kernel_cache_env(location: str, log_dir: str | Path) -> dict[str, str]:
+    """The environment a launched task needs so that all of a launch's tasks share one kernel
+    cache: the first node to compile a kernel stores it, the later ones start warm. The cache
+    goes beside the store when the store is a folder (every task writes that store, so the
+    nodes share its file system), else beside the launch's log folder (submitit needs that one
+    shared too). A user's own MLX_PTX_CACHE_DIR or CALIBJOB_KERNEL_CACHE is passed on instead;
+    the tasks key the cache by MLX version and GPU model themselves."""
+    private = os.environ.get(_PRIVATE_ENV)
+    for name in ("MLX_PTX_CACHE_DIR", KERNEL_CACHE_ENV):
+        value = os.environ.get(name)
+        if value and value != private:
+            return {name: value}
+    from calibjob.core.locations import is_url
+
+    beside = Path(log_dir).parent if is_url(location) else Path(location).parent
+    return {KERNEL_CACHE_ENV: str(beside.expanduser().resolve() / KERNEL_CACHE_NAME)}
+
+
+preload_openblas()
+use_kernel_cache()
+
+import mlx.core as mx  # noqa: E402  (must come after the preload and the kernel cache)
 import mlx.nn as nn  # noqa: E402,F401  (for modules that need it: imported here, after it too)
 
 

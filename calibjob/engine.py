@@ -258,6 +258,9 @@ class Engine:
         that queues a whole step ahead keeps a whole step's activations alive; this bounds
         them to about two segments. Same ops in the same order as MMDiT.__call__ (SD3: no
         RoPE, no unified blocks), so the eager result is the same to the bit."""
+        import calibjob.diffusionkit_imports  # noqa: F401  (before DiffusionKit)
+
+        # isort: split
         from diffusionkit.mlx.mmdit import unpatchify
 
         mmdit, sampler = self.model.mmdit, self.model.sampler

@@ -100,6 +100,9 @@ def final_latents(store: JobStore, model, trajectories: list[int]) -> np.ndarray
 
 def decode(model, latents: np.ndarray) -> np.ndarray:
     """Latents (B, H, W, 16) -> RGB uint8 (B, 8H, 8W, 3), DiffusionKit's decode path."""
+    import calibjob.diffusionkit_imports  # noqa: F401  (before MLX and DiffusionKit)
+
+    # isort: split
     import mlx.core as mx
     from diffusionkit.mlx import SD3LatentFormat
 

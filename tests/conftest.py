@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# before any test imports DiffusionKit itself: OpenBLAS before MLX, and the stand-ins for
+# argmaxtools and diffusionkit.utils where torch and coremltools are not installed
+import calibjob.diffusionkit_imports  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PROMPTS = ["a red fox in snow", "a lighthouse in a storm", "a bowl of ramen"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-import calibjob.device  # noqa: F401  (OpenBLAS before MLX: 30x faster on CPU)
+import calibjob.diffusionkit_imports  # noqa: F401  (before MLX and DiffusionKit)
 import mlx.core as mx
 from diffusionkit.mlx import model_io
 

@@ -8,7 +8,9 @@ purpose: no batching, no reuse, exactly PHASE1's `x_cali_list.append(x)` before 
 
 from __future__ import annotations
 
-import calibjob.device  # noqa: F401  (OpenBLAS before MLX: the engine's BLAS, bit for bit)
+import calibjob.diffusionkit_imports  # noqa: F401  (before MLX and DiffusionKit)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 from diffusionkit.mlx import CFGDenoiser, DiffusionPipeline, to_d

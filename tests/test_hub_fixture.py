@@ -9,7 +9,7 @@ import dataclasses
 import hub_fixture as hf
 import pytest
 
-import calibjob.device  # noqa: F401  (OpenBLAS before MLX)
+import calibjob.diffusionkit_imports  # noqa: F401  (before MLX and DiffusionKit)
 
 mx = pytest.importorskip("mlx.core")
 from diffusionkit.mlx import model_io  # noqa: E402

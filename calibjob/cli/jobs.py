@@ -140,11 +140,11 @@ def launch(
     still have work. Logs and the launch record go to STORE/logs/; `calibjob status STORE`
     shows failed shards' logs.
 
-        calibjob launch --job jobs/dry-run.toml --model-version tiny \\
+        calibjob launch --job dry-run --model-version tiny \\
             --store out/dry.zarr --shards 2
         calibjob launch --store out/prof.zarr --shards 3 \\
             profile out/dry_run_cali.npz
-        calibjob launch --job jobs/paper.toml --store /shared/paper.zarr \\
+        calibjob launch --job paper --store /shared/paper.zarr \\
             --shards 8 --executor slurm --slurm-partition gpu \\
             --slurm-gpus-per-task 1 --time 4:00:00
     """

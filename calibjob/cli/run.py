@@ -216,7 +216,7 @@ def run(
     Creates the store or continues the existing one, encodes the prompts once, then works
     through this shard's units, skipping what is done. Example:
 
-        calibjob run --job jobs/dry-run.toml --model-version tiny \\
+        calibjob run --job dry-run --model-version tiny \\
             --store out/dry.zarr --shard 0/2
     """
     from calibjob import api

@@ -33,6 +33,23 @@ def peak_memory_gb() -> float:
         return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
+def announce_start(
+    shard: str, rows: int, units: int, row_word: str, model: str, mode: bool | None,
+    console: Console,
+) -> None:
+    """A worker's first line, before DiffusionKit imports and the model loads (seconds on a CPU,
+    a minute or more for SD3's weights): it says at once what it took on. Silent under
+    --no-progress, like the progress lines it precedes (and starting as they do)."""
+    if mode is False:
+        return
+    print(
+        f"calibjob: shard {shard}: {plural(rows, row_word)} in "
+        f"{plural(units, 'unit')} to compute; loading {model}",
+        file=console.file,
+        flush=True,
+    )
+
+
 class ShardProgress:
     """Counts a shard's rows and work and shows them (bar, log lines, or nothing)."""
 

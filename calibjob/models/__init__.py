@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import calibjob.device as device  # OpenBLAS before MLX
+import calibjob.diffusionkit_imports  # noqa: F401  (before DiffusionKit, here and in sd3/text/tiny)
 
-with warnings.catch_warnings():
+with warnings.catch_warnings():  # where the real argmaxtools is installed: its imports' noise
     warnings.simplefilter("ignore")
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     import mlx.core as mx
