@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibjob.core.locations import is_url
+from calibjob.core.locations import fsync_path, is_url
 from calibjob.core.shards import Shard
 from calibjob.core.status import shards_run_here
 from calibjob.core.store import JobStore
@@ -193,11 +193,7 @@ def merge(
             _write_npy(zf, "model_version", np.array(cfg.model_version))
             _write_npy(zf, "shift", np.array(cfg.shift))
             _write_npy(zf, "dtype", np.array(cfg.dtype))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         if force:
             os.replace(tmp, out)
         else:

@@ -75,6 +75,14 @@ def build_config(job: str | Path | None, **flags) -> JobConfig:
     return JobConfig.from_dict(fields)
 
 
+ShardOpt = Annotated[
+    str,
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="This worker's share, i/n (0-based), or 'auto' inside a Slurm array.",
+    ),
+]
 ProgressOpt = Annotated[
     bool | None,
     typer.Option(

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from calibjob.cli.base import ProgressOpt, app, out, print_result
+from calibjob.cli.base import ProgressOpt, ShardOpt, app, out, print_result
 from calibjob.cli.help import Command
 from calibjob.config import PROFILE_UNIT_POINTS
 
@@ -34,14 +34,7 @@ def profile(
             show_default=False,
         ),
     ],
-    shard: Annotated[
-        str,
-        typer.Option(
-            "--shard",
-            metavar="I/N",
-            help="This worker's share, i/n (0-based), or 'auto' inside a Slurm array.",
-        ),
-    ] = "0/1",
+    shard: ShardOpt = "0/1",
     num_samples: Annotated[
         int,
         typer.Option(

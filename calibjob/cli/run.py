@@ -12,6 +12,7 @@ from calibjob.cli.base import (
     ForceOpt,
     OutputOpt,
     ProgressOpt,
+    ShardOpt,
     app,
     build_config,
     check_output,
@@ -55,14 +56,7 @@ def run(
             help="Zarr store to create or continue: a folder or s3://bucket/prefix.",
         ),
     ] = "calib.zarr",
-    shard: Annotated[
-        str,
-        typer.Option(
-            "--shard",
-            metavar="I/N",
-            help="This worker's share, i/n (0-based), or 'auto' inside a Slurm array.",
-        ),
-    ] = "0/1",
+    shard: ShardOpt = "0/1",
     model_version: Annotated[
         str | None,
         typer.Option(
