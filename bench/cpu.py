@@ -130,7 +130,7 @@ def synthetic_store(path: Path, model) -> tuple[float, int]:
 # the same figures on main before issue 21 (826f1b1, torch 2.13.0 and coremltools 9.0 in the
 # environment), this 2-core machine idle, 2026-12-03, measured the same way (the console script
 # for the processes); the issue's own figure for the import was 8.4 s idle, 17 s busy
-BEFORE = {"import_s": 3.49, "help_s": 0.20, "status_s": 0.69, "first_line_s": 6.70}
+BEFORE = {"import_s": 3.10, "help_s": 0.14, "status_s": 0.63, "first_line_s": 6.19}
 STARTUP_TARGET_S = 1.5  # --help, status, run's first line
 IMPORT_MODELS = "import time; t = time.perf_counter(); import calibjob.models; " \
     "print(time.perf_counter() - t)"  # fmt: skip
