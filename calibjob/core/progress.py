@@ -23,10 +23,11 @@ LOG_EVERY_S = 30.0
 
 def peak_memory_gb() -> float:
     """The most memory MLX has held in this process since its last reset (GB): on a Mac the
-    machine's own memory, shared with the GPU. Without MLX loaded, the peak resident set."""
+    machine's own memory, shared with the GPU. Without MLX loaded, the peak resident set. Never
+    the first to import MLX: calibjob.device must (OpenBLAS first, or the CPU's arithmetic, and
+    so the data, would differ from a worker whose MLX it loaded)."""
+    mx = sys.modules.get("mlx.core")
     try:
-        import mlx.core as mx
-
         return mx.get_peak_memory() / 1e9
     except Exception:  # noqa: BLE001  (no MLX loaded, or an old one)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, B on macOS
