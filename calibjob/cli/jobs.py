@@ -59,9 +59,10 @@ def resume(
     output: OutputOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Continue a job from the config saved in its store; no options need repeating.
+    """Continue a store's job (run or profile) from the spec saved in it; no options need
+    repeating.
 
-    Repairs what a crash or a damaged disk left (markers, metadata, conditioning, chunks),
+    Repairs what a crash or a damaged disk left (markers, metadata, prepared arrays, chunks),
     skips units other live workers hold, and computes the rest.
 
         calibjob resume out/dry.zarr
