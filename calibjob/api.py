@@ -122,9 +122,7 @@ def merge_once(location: str, output: Path, force: bool) -> tuple[object | None,
         return None, f"{other.describe()} is merging to {output}"
     try:
         done = json.loads(st.loc.read(MERGED) or b"{}").get("output")
-        if done == str(output.resolve()) and output.exists():
-            return None, f"{output} was written by another worker"
-        if output.exists() and not force:
+        if output.exists() and (done == str(output.resolve()) or not force):
             return None, f"{output} was written by another worker"
         summary = merge([location], output, force=force)
         st.loc.write_atomic(MERGED, json.dumps({"output": str(output.resolve()),

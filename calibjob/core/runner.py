@@ -117,22 +117,33 @@ class _Writer:
         self._check()
 
 
-def _record(store: JobStore, shards: list[Shard], **info) -> None:
-    """Update the shards' progress records, keeping what they said before (a run that finds
-    nothing to do keeps the throughput and peak of the run that did the work). A worker that
-    has not reached its unit loop yet is 'starting' and keeps the state before it, which
-    `status` shows if it dies there (a Ctrl-C while the model loads leaves an interrupted
-    shard interrupted)."""
-    records = store.progress()
-    for sh in shards:
-        old = records.get(str(sh), {})
-        old = {k: v for k, v in old.items() if k not in ("shard", "updated", "damaged")}
-        new = {**old, **info}
-        if info.get("state") == "starting":
-            new["before"] = old.get("state") if old.get("state") != "starting" else old.get(
-                "before"
-            )
-        store.record_progress(str(sh), new)
+class _Records:
+    """This worker's shards' progress records: read from the store once, then kept here and
+    written whole on each update (never re-read in the store-write path). An update keeps what
+    a record said before (a run that finds nothing to do keeps the throughput and peak of the
+    run that did the work). A worker that has not reached its unit loop yet is 'starting' and
+    keeps the state before it, which `status` shows if it dies there (a Ctrl-C while the model
+    loads leaves an interrupted shard interrupted)."""
+
+    def __init__(self, store: JobStore, shards: list[Shard]):
+        self.store, self.shards = store, shards
+        found = store.progress()
+        self.records = {
+            str(sh): {k: v for k, v in found.get(str(sh), {}).items()
+                      if k not in ("shard", "updated", "damaged")}
+            for sh in shards
+        }  # fmt: skip
+
+    def update(self, **info) -> None:
+        for sh in self.shards:
+            old = self.records[str(sh)]
+            new = {**old, **info}
+            if info.get("state") == "starting":
+                new["before"] = old.get("before") if old.get("state") == "starting" else old.get(
+                    "state"
+                )
+            self.records[str(sh)] = new
+            self.store.record_progress(str(sh), new)
 
 
 def run_shards(
@@ -160,7 +171,8 @@ def run_shards(
     if mended:
         err.print(f"calibjob: repaired {', '.join(mended)} in {store.path}", markup=False)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    _record(store, shards, state="starting", **me)
+    records = _Records(store, shards)
+    records.update(state="starting", **me)
     plain = job.plain_units(store.config, store.meta)
     mine = {u.index: u for sh in shards for u in sh.units(plain)}
     recomputed = store.verify_rows(sorted(k for u in mine.values() for k in u.rows))
@@ -179,7 +191,7 @@ def run_shards(
     if not todo:
         if job.prepared and not store.prepared:  # no units here, but the store needs them
             session.prepare(store, compute=False)
-        _record(store, shards, state="finished" if not elsewhere else "running elsewhere")
+        records.update(state="finished" if not elsewhere else "running elsewhere")
         session.close()
         return RunResult(
             len(plain), 0, 0, recomputed, time.perf_counter() - t0, 0.0,
@@ -205,12 +217,12 @@ def run_shards(
         nonlocal written
         leases.release(unit.index)
         written += 1
-        _record(
-            store, shards, rate=prog.rate, units_left=len(todo_units) - written,
-            state="running", peak_memory_gb=round(peak_memory_gb(), 2), **me,
+        records.update(
+            rate=prog.rate, units_left=len(todo_units) - written, state="running",
+            peak_memory_gb=round(peak_memory_gb(), 2), **me,
         )  # fmt: skip
 
-    _record(store, shards, state="running", **me)
+    records.update(state="running", **me)
     writer = _Writer(store, lease_ttl_s)
     ran: list[Unit] = []
     lost: list[int] = []
@@ -255,9 +267,9 @@ def run_shards(
     if calibjob.process_start:  # under the console entry: the imports before the work
         phases = {"startup": startup, **phases}
     if interrupted:
-        _record(store, shards, state="interrupted")
+        records.update(state="interrupted")
         raise Interrupted()
-    _record(store, shards, state="finished" if not skipped else "running elsewhere")
+    records.update(state="finished" if not skipped else "running elsewhere")
     n_rows = sum(len(u.rows) for u in ran)
     return RunResult(
         len(plain), len(ran), n_rows, recomputed, time.perf_counter() - t0,
