@@ -14,28 +14,14 @@ from pathlib import Path
 
 import tomllib
 
+from calibjob import families
 from calibjob.core.spec import Spec
 from calibjob.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SD3_MEDIUM = "argmaxinc/mlx-stable-diffusion-3-medium"
-TINY = "tiny"
-# DiffusionKit's SD3 keys (its MMDIT_CKPT), spelled here so the CLI need not import it
-SD3_KEYS = (
-    SD3_MEDIUM,
-    "argmaxinc/mlx-stable-diffusion-3.5-large",
-    "argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized",
-)
-MODEL_ALIASES = {"sd3-medium": SD3_MEDIUM, "sd3": SD3_MEDIUM}
-
-
-def canonical_model(name: str) -> str:
-    """'sd3-medium' -> DiffusionKit's key; 'tiny' stays; anything else must be an SD3 key."""
-    key = MODEL_ALIASES.get(name, name)
-    if key != TINY and key not in SD3_KEYS:
-        choices = ", ".join([TINY, *MODEL_ALIASES, *SD3_KEYS])
-        raise ConfigError(f"unknown --model-version {name!r}; choose one of: {choices}")
-    return key
+# the models and their families' facts live in calibjob.families; re-exported for the callers
+SD3_MEDIUM, TINY = families.SD3_MEDIUM, families.TINY
+canonical_model = families.canonical_model
 
 
 # Fields that change the data a job produces; two stores can be merged only if these agree.
@@ -49,6 +35,7 @@ IDENTITY_FIELDS = (
     "num_selected_steps",
     "latent_size",
     "cfg_scale",
+    "guidance_scale",
     "seed",
     "shift",
     "batch_size",
@@ -58,6 +45,9 @@ IDENTITY_FIELDS = (
 )
 # Fields a job may leave to the device; resolved once, when the store is created, then fixed.
 AUTO_FIELDS = {"dtype": "auto", "batch_size": 0, "compile": "auto"}
+# Identity fields added after stores existed, with the value every older store had: left out of
+# the fingerprint at that value, so an older store keeps its fingerprint.
+LATER_FIELDS = {"guidance_scale": 0.0}
 
 
 @dataclass(frozen=True)
@@ -66,13 +56,17 @@ class JobConfig(Spec):
 
     IDENTITY = IDENTITY_FIELDS
     AUTO = AUTO_FIELDS
+    LATER = LATER_FIELDS
 
     model_version: str = SD3_MEDIUM
     num_fid_samples: int = 256  # trajectories
     num_sampling_steps: int = 100
     num_selected_steps: int = 25
     latent_size: tuple[int, int] = (32, 32)  # 256x256 pixels
-    cfg_scale: float = 1.5
+    cfg_scale: float = 1.5  # classifier-free guidance (SD3); 0 = none (FLUX.1)
+    # the guidance embedding's scale (FLUX.1-dev; 0 for models without one); None: the model's
+    # own default, fixed when the job is prepared (calibjob.families)
+    guidance_scale: float | None = None
     prompt_file: str = "prompts/sample_prompts.txt"
     prompt_column: str | None = None  # .csv/.tsv/.jsonl: None = prompt, caption or text column
     num_prompts: int = 0  # keep the first N prompts of the file; 0 = all
@@ -88,9 +82,18 @@ class JobConfig(Spec):
     local_ckpt: str | None = None
     prompts: tuple[str, ...] = field(default=())  # filled from prompt_file by `resolve`
 
+    @property
+    def model(self) -> families.ModelInfo:
+        return families.model_info(self.model_version)
+
+    def with_model_defaults(self) -> JobConfig:
+        """The model's key for its name, and its own guidance scale where the job left it open."""
+        info = self.model
+        g = info.default_guidance if self.guidance_scale is None else self.guidance_scale
+        return self.replace(model_version=info.key, guidance_scale=float(g))
+
     def validate(self) -> JobConfig:
         """Raise ConfigError for values no run could use; return self for chaining."""
-        canonical_model(self.model_version)
         if self.num_fid_samples < 1:
             raise ConfigError("--num-fid-samples must be at least 1")
         if self.num_sampling_steps < 1:
@@ -105,10 +108,9 @@ class JobConfig(Spec):
             raise ConfigError(
                 f"--latent-size must be two even numbers (MMDiT patches are 2x2), got {h} {w}"
             )
-        if self.cfg_scale <= 1.0:
-            raise ConfigError(
-                f"--cfg-scale must be above 1.0 (CFG is always on), got {self.cfg_scale}"
-            )
+        families.check_guidance(
+            families.model_info(self.model_version), self.cfg_scale, self.guidance_scale or 0.0
+        )
         if self.shift <= 0:
             raise ConfigError(f"--shift must be positive, got {self.shift}")
         if self.batch_size < 0:

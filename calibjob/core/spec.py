@@ -23,6 +23,9 @@ S = TypeVar("S", bound="Spec")
 class Spec:
     IDENTITY: ClassVar[tuple[str, ...]] = ()
     AUTO: ClassVar[dict[str, Any]] = {}
+    # identity fields added after stores existed -> the value older stores had; such a field
+    # is left out of the identity at that value, so older stores keep their fingerprints
+    LATER: ClassVar[dict[str, Any]] = {}
 
     def to_dict(self) -> dict:
         """Plain JSON types (tuples as lists)."""
@@ -53,7 +56,9 @@ class Spec:
 
     def identity(self) -> dict:
         d = self.to_dict()
-        return {k: d[k] for k in self.IDENTITY}
+        return {
+            k: d[k] for k in self.IDENTITY if not (k in self.LATER and d[k] == self.LATER[k])
+        }
 
     def fingerprint(self) -> str:
         """A short hash of the identity fields: equal fingerprints, interchangeable data."""
@@ -64,7 +69,7 @@ class Spec:
     def differing(self, other: Spec) -> list[str]:
         """Identity fields where the two disagree."""
         a, b = self.identity(), other.identity()
-        return [k for k in self.IDENTITY if a[k] != b[k]]
+        return [k for k in self.IDENTITY if a.get(k) != b.get(k)]
 
     def with_choices_of(self: S, other: Spec) -> S:
         """Fields left 'auto' here take `other`'s (an existing store's resolved) values."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibjob.checkpoints import check_local_ckpt
-from calibjob.config import JobConfig, canonical_model
+from calibjob.config import JobConfig
 from calibjob.core.job import ArraySpec, Job, Layout, Session
 from calibjob.core.progress import peak_memory_gb
 from calibjob.core.store import JobStore
@@ -62,7 +62,7 @@ def units_for(cfg: JobConfig) -> list[Unit]:
 def prepare_config(cfg: JobConfig) -> JobConfig:
     """Resolve what needs no device (model key, prompts) and validate. `launch` stops here:
     the 'auto' fields are left to the workers (the login node is not a GPU node)."""
-    cfg = cfg.replace(model_version=canonical_model(cfg.model_version))
+    cfg = cfg.with_model_defaults()
     if not cfg.prompts:
         cfg = cfg.replace(
             prompts=read_prompts(cfg.prompt_file, cfg.prompt_column, cfg.num_prompts)

@@ -1,12 +1,15 @@
-"""Model backends behind one small interface: encode prompts, build the schedule, hold the MMDiT.
+"""Models behind one small interface: encode prompts, build the schedule, hold the MMDiT.
 
 `load(name, ...)` gives a `Model` holding DiffusionKit's own MMDiT and sampler, so that later
 quantization phases can profile the very network that made the calibration data:
 
     from calibjob.models import load
-    model = load("tiny")                      # or "sd3-medium", local_ckpt=...
+    model = load("tiny")                      # or "sd3-medium", "flux-schnell", local_ckpt=...
     cs, cs_pooled = model.encode(["a red fox"])
     sigmas, timesteps = model.schedule(100)
+
+A model's family (`models/sd3.py`, `models/flux.py`, behind `models/family.py`) decides how it
+loads, encodes and samples; its facts (guidance, text length, footprint) are `model.info`.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ with warnings.catch_warnings():  # where the real argmaxtools is installed: its 
     import numpy as np
     from diffusionkit.mlx import DiffusionPipeline
     from diffusionkit.mlx.mmdit import MMDiT
-    from diffusionkit.mlx.sampler import ModelSamplingDiscreteFlow
 
-from calibjob.config import TINY, canonical_model
 from calibjob.errors import ModelUnavailable
-from calibjob.models.text import TextEncoders
+from calibjob.families import TINY, ModelInfo, model_info
+from calibjob.models import pieces
+from calibjob.models.family import Family
 
 for _name in ("diffusionkit", "diffusionkit.mlx", "diffusionkit.mlx.mmdit", "argmaxtools"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -40,30 +43,48 @@ logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retries are 
 __all__ = ["Model", "ModelUnavailable", "load"]
 
 
+def family_of(info: ModelInfo) -> Family:
+    """The family implementation of a model (imported on first use)."""
+    if info.family == "flux":
+        from calibjob.models.flux import FAMILY
+    else:
+        from calibjob.models.sd3 import FAMILY
+    return FAMILY
+
+
 @dataclass
 class Model:
-    """A loaded backend: DiffusionKit's MMDiT and sampler, text encoders until freed."""
+    """A loaded model: DiffusionKit's MMDiT and sampler, text encoders until freed."""
 
-    name: str
+    name: str  # the model's key
     mmdit: MMDiT | None  # None: text encoders only (encode, free, then load the MMDiT)
-    sampler: ModelSamplingDiscreteFlow
-    text: TextEncoders | None
+    sampler: Any
+    text: Any | None
     dtype: str
     local_ckpt: str | None = None
     _decoder: Any = field(default=None, repr=False)
+
+    @property
+    def info(self) -> ModelInfo:
+        return model_info(self.name)
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.info)
 
     @property
     def activation_dtype(self) -> mx.Dtype:
         return device.mx_dtype(self.dtype)
 
     def encode(self, prompts: list[str] | tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """cs (P, 2, L, D), cs_pooled (P, 2, Dp) float32; index 1 of axis 1 is the empty prompt."""
+        """cs (P, branches, L, D), cs_pooled (P, branches, Dp) float32; under CFG (SD3) index 1
+        of axis 1 is the empty prompt, otherwise (FLUX.1) the axis holds the prompt alone."""
         if self.text is None:
             raise RuntimeError("the text encoders were freed; load the model again to encode")
         return self.text.encode(prompts)
 
     def free_text_encoders(self) -> None:
-        """Drop CLIP-L, CLIP-G and T5 (the real low-memory win: T5-XXL alone is ~9 GB fp16)."""
+        """Drop the text encoders (the real low-memory win: T5-XXL alone is ~9 GB fp16)."""
         self.text = None
         gc.collect()
         mx.clear_cache()
@@ -78,14 +99,12 @@ class Model:
     def decoder(self):
         """The VAE decoder (built or loaded on first use)."""
         if self._decoder is None:
-            if self.name == TINY:
+            if self.info.builtin:
                 from calibjob.models.tiny import build_vae_decoder
 
                 self._decoder = build_vae_decoder(mx.float32)
             else:
-                from calibjob.models.sd3 import load_vae_decoder
-
-                self._decoder = load_vae_decoder(self.name, mx.float32, self.local_ckpt)
+                self._decoder = self.family.load_vae_decoder(self.info, self.local_ckpt)
         return self._decoder
 
 
@@ -98,20 +117,20 @@ def load(
     text_encoders: bool = True,
     mmdit: bool = True,
 ) -> Model:
-    """Load a backend by name ('tiny', 'sd3-medium' or a DiffusionKit SD3 key); `mmdit=False`
-    loads the text encoders alone (the worker encodes, frees them, then loads the MMDiT)."""
-    key = canonical_model(name)
+    """Load a model by name ('tiny', 'tiny-flux', 'sd3-medium', 'flux-dev' or a DiffusionKit
+    key); `mmdit=False` loads the text encoders alone (the worker encodes, frees them, then
+    loads the MMDiT)."""
+    info = model_info(name)
+    family = family_of(info)
     dtype = device.resolve_dtype(dtype)
     device.warn_reference_blas()
     mdt = device.mx_dtype(dtype)
-    if key == TINY:
-        from calibjob.models import tiny
-
-        net = tiny.build_mmdit(mdt) if mmdit else None
-        text = tiny.build_text_encoders(mx.float32) if text_encoders else None
+    if info.builtin:
+        net = family.build_mmdit(info, mdt) if mmdit else None
+        text = family.build_text(info) if text_encoders else None
     else:
-        from calibjob.models import sd3
-
-        text = sd3.load_text_encoders(key, mdt) if text_encoders else None
-        net = sd3.load_mmdit(key, mdt, local_ckpt) if mmdit else None
-    return Model(key, net, ModelSamplingDiscreteFlow(shift=shift), text, dtype, local_ckpt)
+        text = family.load_text(info, mdt) if text_encoders else None
+        net = family.load_mmdit(info, mdt, local_ckpt) if mmdit else None
+    if net is not None:
+        pieces.prepare(net)
+    return Model(info.key, net, family.sampler(shift), text, dtype, local_ckpt)

@@ -1,4 +1,6 @@
-"""Real SD3 weights through DiffusionKit's own loaders (CLIP-L, CLIP-G, T5-XXL, MMDiT, VAE).
+"""The SD3 family (SD3 Medium, SD3.5 Large, and the built-in `tiny`): real weights through
+DiffusionKit's own loaders (CLIP-L, CLIP-G, T5-XXL, MMDiT, VAE), CFG with the empty prompt as
+the negative branch, DiffusionKit's `ModelSamplingDiscreteFlow` and `SD3LatentFormat`.
 
 The hub may be unreachable, the repository gated, or the weights elsewhere on disk: every such
 case becomes one ModelUnavailable error that says what to do.
@@ -7,50 +9,23 @@ case becomes one ModelUnavailable error that says what to do.
 from __future__ import annotations
 
 import mlx.core as mx
-from diffusionkit.mlx import T5_MAX_LENGTH, model_io
+from diffusionkit.mlx import T5_MAX_LENGTH, SD3LatentFormat, model_io
 from diffusionkit.mlx.mmdit import MMDiT
+from diffusionkit.mlx.sampler import ModelSamplingDiscreteFlow
 
-from calibjob.config import SD3_KEYS
 from calibjob.errors import ModelUnavailable
+from calibjob.families import MODELS, ModelInfo
+from calibjob.models.family import Family
+from calibjob.models.hub import fetching as _fetching
 from calibjob.models.text import TextEncoders, make_t5_safe
 
-
-def _fetching(what: str, repo: str, fn, /, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except ModelUnavailable:
-        raise
-    except Exception as e:  # hub errors come in many classes (offline, gated, 404, OSError)
-        why = first_sentence(str(e))
-        where = (
-            "pass --local-ckpt PATH to a local MMDiT checkpoint (.safetensors)"
-            if what in ("MMDiT", "VAE decoder")
-            else "--local-ckpt replaces only the MMDiT checkpoint: the text encoders and "
-            "tokenizers come from the Hugging Face cache (fill it on a machine with network and "
-            "copy ~/.cache/huggingface, see the README)"
-        )
-        raise ModelUnavailable(
-            f"cannot load the {what} of {repo} ({type(e).__name__}: {why}) Log in with "
-            f"`huggingface-cli login` on a machine with network and accept the model's licence, "
-            f"or {where}."
-        ) from None
-
-
-def first_sentence(text: str) -> str:
-    """The first whole sentence of a (possibly multi-line) message, never cut mid-word."""
-    flat = " ".join(text.split())
-    if not flat:
-        return ""
-    for i, ch in enumerate(flat):
-        if ch in ".!?" and (i + 1 == len(flat) or flat[i + 1] == " "):
-            return flat[: i + 1]
-    return flat + "."
+SD3_KEYS = tuple(m.key for m in MODELS if m.family == "sd3" and not m.builtin)
 
 
 def _prepare(key: str, local_ckpt: str | None, dtype: mx.Dtype) -> None:
     if key not in SD3_KEYS:
         raise ModelUnavailable(
-            f"unknown model {key!r}: choose tiny or one of {', '.join(SD3_KEYS)}"
+            f"unknown SD3 model {key!r}: choose one of {', '.join(SD3_KEYS)}"
         )
     model_io.LOCAl_SD3_CKPT = local_ckpt
     model_io._FLOAT16 = mx.float16 if dtype == mx.float16 else mx.bfloat16
@@ -119,3 +94,34 @@ def load_vae_decoder(key: str, dtype: mx.Dtype, local_ckpt: str | None = None):
     return _fetching(
         "VAE decoder", key, model_io.load_vae_decoder, key=key, float16=dtype != mx.float32
     )
+
+
+class SD3(Family):
+    name = "sd3"
+    latent_scale = SD3LatentFormat().scale_factor
+    latent_shift = SD3LatentFormat().shift_factor
+
+    def sampler(self, shift: float) -> ModelSamplingDiscreteFlow:
+        return ModelSamplingDiscreteFlow(shift=shift)
+
+    def load_text(self, info: ModelInfo, dtype: mx.Dtype) -> TextEncoders:
+        return load_text_encoders(info.key, dtype)
+
+    def load_mmdit(self, info: ModelInfo, dtype: mx.Dtype, local_ckpt: str | None) -> MMDiT:
+        return load_mmdit(info.key, dtype, local_ckpt)
+
+    def load_vae_decoder(self, info: ModelInfo, local_ckpt: str | None):
+        return load_vae_decoder(info.key, mx.float32, local_ckpt)
+
+    def build_text(self, info: ModelInfo) -> TextEncoders:
+        from calibjob.models import tiny
+
+        return tiny.build_text_encoders(mx.float32)
+
+    def build_mmdit(self, info: ModelInfo, dtype: mx.Dtype) -> MMDiT:
+        from calibjob.models import tiny
+
+        return tiny.build_mmdit(dtype)
+
+
+FAMILY = SD3()

@@ -1,15 +1,20 @@
-"""The built-in `tiny` model: DiffusionKit's own classes at toy size, deterministic weights.
+"""The built-in models: DiffusionKit's own classes at toy size, deterministic weights.
 
-It needs no download, so the dry run, the tests and CI run the real code paths (DiffusionKit's
-MMDiT, CLIPTextModel, T5 encoder stack and VAEDecoder) on any machine. Latents have SD3's real
-shape (H x W x 16); the text side is toy-sized: L = 77 CLIP + 32 T5 tokens, D = 64, Dp = 64.
+They need no download, so the dry run, the tests and CI run the real code paths (DiffusionKit's
+MMDiT, CLIPTextModel, T5 encoder stack and VAEDecoder) on any machine. Latents have the real
+shape (H x W x 16); the text side is toy-sized.
+
+- `tiny` (SD3): L = 77 CLIP + 32 T5 tokens, D = 64, Dp = 64; 2 joint blocks, learned positions.
+- `tiny-flux`, `tiny-flux-dev` (FLUX.1): L = 32 (dev: 64) T5 tokens, D = 64, Dp = 32 (CLIP-L's
+  pooled output); 2 joint + 2 unified blocks with RoPE, patchify by reshape, qk-norm; dev adds
+  the guidance embedding.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 from diffusionkit.mlx.clip import CLIPTextModel
-from diffusionkit.mlx.config import CLIPTextModelConfig, MMDiTConfig
+from diffusionkit.mlx.config import CLIPTextModelConfig, MMDiTConfig, PositionalEncoding
 from diffusionkit.mlx.mmdit import MMDiT
 from diffusionkit.mlx.t5 import SD3T5Encoder
 from diffusionkit.mlx.vae import VAEDecoder
@@ -113,6 +118,44 @@ def build_text_encoders(dtype: mx.Dtype = mx.float32) -> TextEncoders:
         t5=make_t5_safe(t5),
         t5_tokenizer=ByteTokenizer(T5_LEN, clip_style=False),
         token_dim=TOKEN_DIM,
+    )
+
+
+def build_flux_mmdit(dtype: mx.Dtype = mx.float32, *, guidance_embed: bool = False) -> MMDiT:
+    """FLUX.1's MMDiT at toy size: the schnell/dev configs' features, 64 wide."""
+    config = MMDiTConfig(
+        num_heads=2,
+        depth_multimodal=2,
+        depth_unified=2,
+        parallel_mlp_for_unified_blocks=True,
+        hidden_size_override=64,
+        mlp_ratio=2,
+        patchify_via_reshape=True,
+        pos_embed_type=PositionalEncoding.PreSDPARope,
+        rope_axes_dim=(8, 12, 12),  # sums to the head width, 32, as (16, 56, 56) sums to 128
+        pooled_text_embed_dim=32,  # the tiny CLIP-L's pooled width
+        token_level_text_embed_dim=TOKEN_DIM,
+        use_qk_norm=True,
+        guidance_embed=guidance_embed,
+        dtype=dtype,
+        float16_dtype=mx.bfloat16,
+        low_memory_mode=False,
+    )
+    seed = WEIGHT_SEED + (6 if guidance_embed else 5)
+    return _seeded(lambda: MMDiT(config), seed, dtype)
+
+
+def build_flux_text_encoders(t5_tokens: int = T5_LEN):
+    """CLIP-L and T5 at toy size (the same weights as `tiny`'s), T5 padded to `t5_tokens`."""
+    from calibjob.models.flux import FluxText
+
+    sd3 = build_text_encoders(mx.float32)
+    return FluxText(
+        clip_l=sd3.clip_l,
+        tokenizer_l=sd3.tokenizer_l,
+        t5=sd3.t5,
+        t5_tokenizer=ByteTokenizer(t5_tokens, clip_style=False),
+        t5_tokens=t5_tokens,
     )
 
 

@@ -1,10 +1,11 @@
 """Profiled forwards: a unit's batches through the MMDiT with taps in, its statistics out.
 
-A batch is B points of one (timestep, prompt), fed as during generation: a CFG batch of 2B
-rows [pos_1..pos_B, neg_1..neg_B], x doubled, the prompt's conditioning then the empty
-prompt's. The modulation parameters come from the engine's machinery (`modulation_params`,
-`ModulationSlot`): computed once per (prompt, timestep), handed to the blocks through slots, so
-the adaLN weights are never emptied and nothing is reloaded between prompts.
+A batch is B points of one (timestep, prompt), fed as during generation: under CFG (SD3) a
+batch of 2B rows [pos_1..pos_B, neg_1..neg_B], x doubled, the prompt's conditioning then the
+empty prompt's; without it (FLUX.1) B rows. The modulation parameters come from the engine's
+machinery (`models/pieces.py`): computed once per (prompt, timestep), with the guidance term of
+a guidance-embedded model, handed to the blocks through slots, so the adaLN weights are never
+emptied and nothing is reloaded between prompts.
 
 The forward is lazy: only the taps' statistics are evaluated, so MLX never computes what
 follows the last tap (the final layer) and frees each activation once its statistics are
@@ -21,16 +22,18 @@ import numpy as np
 
 import calibjob.profile.taps as taps_mod
 from calibjob.device import mx  # mlx.core, after the OpenBLAS preload
-from calibjob.engine import (
-    SEGMENT_BLOCKS,
+from calibjob.engine import SEGMENT_BLOCKS
+from calibjob.models.pieces import (
     ModulationSlot,
-    joint_pieces,
+    forward_pieces,
     modulated_modules,
     modulation_params,
+    prepare,
     slots_installed,
 )
 from calibjob.profile.plan import ProfileUnit, UnitStats
 
+STATS = 6  # a block's joined statistics: sum, sumsq, min, max, hist, rows (taps.finish)
 # keep every prompt's conditioning on the device when all of them take at most this much
 COND_CACHE_BYTES = 2 << 30
 
@@ -39,10 +42,14 @@ class Profiler:
     """Runs a profile job's units on one loaded model."""
 
     def __init__(
-        self, model, *, reduce_dtype: str, bins: int, limit: float, compile: bool = False
+        self, model, *, reduce_dtype: str, bins: int, limit: float, compile: bool = False,
+        guidance_scale: float | None = None,
     ):
         self.model = model
         self.mmdit = model.mmdit
+        prepare(self.mmdit)
+        self.branches = model.info.branches
+        self.guidance_scale = guidance_scale
         self.act = model.activation_dtype
         self.specs = taps_mod.tap_specs(self.mmdit)
         self.offsets = np.cumsum([0] + [s.channels for s in self.specs])
@@ -57,74 +64,68 @@ class Profiler:
 
     # ---- pieces --------------------------------------------------------------------------
 
-    def _fn(self, batch: int) -> Callable:
-        """(x (B,H,W,16), cond (2,L,D), mods) -> the batch's statistics; one per batch size."""
-        if batch not in self._fns:
-            joint_only = not getattr(self.mmdit.config, "depth_unified", 0)
-            self._fns[batch] = self._segmented(batch) if joint_only else self._whole(batch)
-        return self._fns[batch]
+    def _input(self, x: mx.array) -> mx.array:
+        """The model rows of a batch's x: doubled under CFG, in the activation dtype."""
+        nb = self.branches
+        return (mx.concatenate([x] * nb, axis=0) if nb > 1 else x).astype(self.act)
 
-    def _whole(self, batch: int) -> Callable:
-        """The MMDiT's own forward as one graph (models with unified blocks)."""
-        mmdit, act, slots, recorder = self.mmdit, self.act, self._slots, self.recorder
-        t_key = mx.array([0.0])  # the slots ignore the key; MMDiT only calls .item() on it
-        mx.eval(t_key)
+    def _pieces(self, batch: int, cond_len: int, latent: tuple[int, int]):
+        return forward_pieces(
+            self.mmdit, self._slots, rows=self.branches * batch, batch=batch,
+            text_len=cond_len, latent_size=latent,
+        )  # fmt: skip
 
-        def forward(x, cond, mods):
-            for slot, m in zip(slots, mods, strict=True):
-                slot.value = m if batch == 1 else mx.repeat(m, batch, axis=0)
-            x_in = mx.concatenate([x, x], axis=0).astype(act)
-            c = mx.expand_dims(mx.repeat(cond, batch, axis=0), 2)
-            recorder.start()
-            mmdit(latent_image_embeddings=x_in, token_level_text_embeddings=c, timestep=t_key)
-            out = recorder.finish()
-            for slot in slots:
-                slot.value = None
-            return out
+    def _fn(self, batch: int, cond_len: int, latent: tuple[int, int]) -> Callable:
+        """(x (B,H,W,C), cond (branches,L,D), mods) -> the batch's statistics; one per batch
+        size.
 
-        return mx.compile(forward) if self.compile else forward
-
-    def _segmented(self, batch: int) -> Callable:
-        """The forward taken apart at its joint blocks, as the engine's segmented step
-        (`engine.joint_pieces`): each block a (compiled) function that returns its taps'
+        The forward taken apart at its blocks, as the engine's segmented step
+        (`models/pieces.py`): each block a (compiled) function that returns its taps'
         statistics, the host at most one segment ahead of the device. A whole forward queued
         at once kept every block's activations alive until the device caught up (53 GB at
         batch 13 on an H100). The final layer is never computed: no tap follows the last
         block."""
-        head, blocks = joint_pieces(self.mmdit, self.act, self._slots, batch)
-        recorder, k = self.recorder, max(1, SEGMENT_BLOCKS)
-        names = [(f"mm_{i:02d}_img", f"mm_{i:02d}_txt") for i in range(len(blocks))]
-        taps_of = [[j for j, s in enumerate(self.specs) if s.layer in n] for n in names]
+        if batch in self._fns:
+            return self._fns[batch]
+        p = self._pieces(batch, cond_len, latent)
+        recorder, k, extra = self.recorder, max(1, SEGMENT_BLOCKS), p.extra
+        taps_of = [[j for j, s in enumerate(self.specs) if s.layer in n] for n in p.names]
         # the blocks' statistics, joined in block order, are all taps' in spec order
         assert [j for idx in taps_of for j in idx] == list(range(len(self.specs)))
+        last = len(p.blocks) - 1
 
-        def with_stats(block, idx, last):
-            def f(h, c, m_img, m_txt):
+        def with_stats(block, idx, is_last):
+            def f(*args):
                 recorder.start()
-                h, c = block(h, c, m_img, m_txt)
+                state = block(*args)
                 stats = recorder.finish(idx)
-                return stats if last else (h, c, *stats)
+                return stats if is_last else (*state, *stats)
 
             return mx.compile(f) if self.compile else f
 
-        fns = [with_stats(b, taps_of[i], i == len(blocks) - 1) for i, b in enumerate(blocks)]
+        fns = [with_stats(b, taps_of[i], i == last) for i, b in enumerate(p.blocks)]
 
         def forward(x, cond, mods):
-            _, h, c = head(x, mx.expand_dims(mx.repeat(cond, batch, axis=0), 2))
+            c = mx.expand_dims(mx.repeat(cond, batch, axis=0), 2)
+            state = p.head(self._input(x), c)
             parts, queued = [], None
-            for i, f in enumerate(fns):
-                if i == len(fns) - 1:
-                    parts.append(f(h, c, mods[2 * i], mods[2 * i + 1]))
+            for i, (f, idx) in enumerate(zip(fns, p.block_modules, strict=True)):
+                args = (*state, *(mods[j] for j in idx), *extra)
+                if i == last:
+                    parts.append(f(*args))
                     break
-                h, c, *stats = f(h, c, mods[2 * i], mods[2 * i + 1])
+                out = f(*args)
+                n_state = len(out) - STATS  # the block's state, then its taps' statistics
+                state, stats = tuple(out[:n_state]), out[n_state:]
                 parts.append(tuple(stats))
                 if (i + 1) % k == 0:
-                    mx.async_eval(h, c, parts)
+                    mx.async_eval(state, parts)
                     if queued is not None:
                         mx.eval(queued)  # the device finished the segment before this one
-                    queued = h
+                    queued = state[0]
             return taps_mod.concat_stats(parts)
 
+        self._fns[batch] = forward
         return forward
 
     def _conditioning(self, cs: np.ndarray, prompt: int) -> mx.array:
@@ -164,10 +165,12 @@ class Profiler:
                 p = batch.prompt
                 if p not in mods:
                     pooled = mx.array(np.asarray(cs_pooled[p])).astype(self.act)
-                    mods[p] = modulation_params(self.mmdit, pooled, t)[0]
+                    mods[p] = modulation_params(self.mmdit, pooled, t, self.guidance_scale)[0]
                     mx.eval(mods[p])
                 x = mx.array(np.asarray(xs[np.asarray(batch.points)]))
-                out = self._fn(len(batch.points))(x, self._conditioning(cs, p), mods[p])
+                cond = self._conditioning(cs, p)
+                fn = self._fn(len(batch.points), cond.shape[1], tuple(xs.shape[1:3]))
+                out = fn(x, cond, mods[p])
                 mx.async_eval(out)
                 if pending is not None:
                     acc.add(pending[0])
@@ -186,25 +189,23 @@ class Profiler:
         evaluated instead of statistics): the yardstick profiling's overhead is measured
         against (bench/profile_gpu.py)."""
         t = mx.array(timestep)
-        mmdit, act, slots = self.mmdit, self.act, self._slots
-        t_key = mx.array([0.0])
         mods: dict[int, list[mx.array]] = {}
-        with slots_installed(self._modules, slots):
+        latent = tuple(xs.shape[1:3])
+        with slots_installed(self._modules, self._slots):
             pending = None
             for batch in unit.batches:
                 p, b = batch.prompt, len(batch.points)
                 if p not in mods:
-                    pooled = mx.array(np.asarray(cs_pooled[p])).astype(act)
-                    mods[p] = modulation_params(mmdit, pooled, t)[0]
+                    pooled = mx.array(np.asarray(cs_pooled[p])).astype(self.act)
+                    mods[p] = modulation_params(self.mmdit, pooled, t, self.guidance_scale)[0]
                     mx.eval(mods[p])
                 x = mx.array(np.asarray(xs[np.asarray(batch.points)]))
-                for slot, m in zip(slots, mods[p], strict=True):
-                    slot.value = m if b == 1 else mx.repeat(m, b, axis=0)
-                cond = mx.expand_dims(mx.repeat(self._conditioning(cs, p), b, axis=0), 2)
-                out = mmdit(
-                    latent_image_embeddings=mx.concatenate([x, x], axis=0).astype(act),
-                    token_level_text_embeddings=cond, timestep=t_key,
-                )
+                cond = self._conditioning(cs, p)
+                pieces = self._pieces(b, cond.shape[1], latent)
+                state = pieces.head(self._input(x), mx.expand_dims(mx.repeat(cond, b, axis=0), 2))
+                for f, idx in zip(pieces.blocks, pieces.block_modules, strict=True):
+                    state = f(*state, *(mods[p][j] for j in idx), *pieces.extra)
+                out = pieces.tail(*state, mods[p][-1])
                 mx.async_eval(out)
                 if pending is not None:
                     mx.eval(pending)
