@@ -47,11 +47,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 DRY    := $(OUT)/dry-run$(if $(filter tiny,$(MODEL)),,-$(MODEL))
 DRYNPZ := $(OUT)/dry_run$(if $(filter tiny,$(MODEL)),,_$(MODEL))_cali.npz
 
+# FLUX.1 models (tiny-flux, tiny-flux-dev, flux-schnell, flux-dev) take FLUX.1's dry-run protocol
+DRYJOB := $(if $(findstring flux,$(MODEL)),dry-run-flux,dry-run)
+
 dry-run: install
 	rm -rf $(DRY).zarr $(DRYNPZ) $(DRY)-profile*
 	mkdir -p $(OUT)
-	$(BIN)/calibjob run --job dry-run --model-version $(MODEL) --store $(DRY).zarr --shard 0/2
-	$(BIN)/calibjob run --job dry-run --model-version $(MODEL) --store $(DRY).zarr --shard 1/2
+	$(BIN)/calibjob run --job $(DRYJOB) --model-version $(MODEL) --store $(DRY).zarr --shard 0/2
+	$(BIN)/calibjob run --job $(DRYJOB) --model-version $(MODEL) --store $(DRY).zarr --shard 1/2
 	$(BIN)/calibjob status $(DRY).zarr
 	$(BIN)/calibjob merge $(DRY).zarr -o $(DRYNPZ)
 	$(BIN)/calibjob profile $(DRYNPZ) --store $(DRY)-profile.zarr

@@ -58,7 +58,7 @@ def main() -> None:
     print(f"weights {weights:.2f} GB; device_info {res['device_info']}", flush=True)
 
     # profile: one joint block alone at batch 13 (2B = 26 rows), evaluated by itself
-    from calibjob.engine import modulated_modules, modulation_params
+    from calibjob.models.pieces import modulated_modules, modulation_params
 
     b = 13
     mods = modulation_params(mmdit, mx.array(cp[0]).astype(dt), mx.array([1000.0], dtype=dt))[0]

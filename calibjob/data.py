@@ -117,6 +117,13 @@ class CalibSet:
     dtype: str | None
     prompts: list[str]
     cfg_scale: float | None
+    guidance: str = "cfg"  # files made before FLUX.1 came are all CFG (SD3)
+    guidance_scale: float | None = None  # the embedded guidance scale (FLUX.1-dev)
+
+    @property
+    def branches(self) -> int:
+        """Rows of conditioning per prompt: 2 under CFG, else 1."""
+        return int(self.cs.shape[1])
 
 
 def read_set(path: str | Path) -> CalibSet:
@@ -137,8 +144,9 @@ def read_set(path: str | Path) -> CalibSet:
     cs, pooled = arrays["cs"], arrays["cs_pooled"]
     n = len(ts)
     if (
-        xs.ndim != 4 or xs.shape[0] != n or pi.shape != (n,) or cs.ndim != 4 or cs.shape[1] != 2
-        or pooled.ndim != 3 or pooled.shape[:2] != cs.shape[:2] or n == 0
+        xs.ndim != 4 or xs.shape[0] != n or pi.shape != (n,) or cs.ndim != 4
+        or cs.shape[1] not in (1, 2) or pooled.ndim != 3 or pooled.shape[:2] != cs.shape[:2]
+        or n == 0
     ):
         raise ConfigError(f"{p} is not a calibration file (its arrays' shapes do not fit)")
     if pi.min() < 0 or pi.max() >= cs.shape[0]:
@@ -147,7 +155,14 @@ def read_set(path: str | Path) -> CalibSet:
     dt = str(arrays["dtype"]) if "dtype" in arrays else None
     prompts = [str(s) for s in arrays["prompts"]] if "prompts" in arrays else []
     cfg_scale = float(arrays["cfg_scale"]) if "cfg_scale" in arrays else None
-    return CalibSet(p, xs, ts, pi, cs, pooled, mv, dt, prompts, cfg_scale)
+    guidance = str(arrays["guidance"]) if "guidance" in arrays else "cfg"
+    g = float(arrays["guidance_scale"]) if "guidance_scale" in arrays else None
+    if (guidance == "cfg") != (cs.shape[1] == 2):
+        raise ConfigError(
+            f"{p} is not a calibration file (guidance {guidance} with {cs.shape[1]} "
+            f"conditioning branch(es))"
+        )
+    return CalibSet(p, xs, ts, pi, cs, pooled, mv, dt, prompts, cfg_scale, guidance, g)
 
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -156,13 +171,14 @@ Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 class CalibrationSet:
     """Batches of a calibration `.npz`, ready for DiffusionKit's MMDiT.
 
-    `cal[i]` is batch i: `(xs, ts, cs, cs_pooled)` for B points, each a CFG batch of 2B rows,
-    `[pos_1..pos_B, neg_1..neg_B]`, as the engine fed MMDiT while sampling:
+    `cal[i]` is batch i: `(xs, ts, cs, cs_pooled)` for B points as the engine fed MMDiT while
+    sampling: under CFG (SD3) a batch of 2B rows `[pos_1..pos_B, neg_1..neg_B]`, without it
+    (FLUX.1) B rows (R below):
 
-        xs        (2B, H, W, 16)  float32  the points' x_t, twice
-        ts        (2B,)           the file's ts dtype (the model's), twice
-        cs        (2B, L, 1, D)   token-level conditioning: the B prompts, then B empty prompts
-        cs_pooled (2B, Dp)        pooled conditioning in the same order
+        xs        (R, H, W, 16)  float32  the points' x_t (twice under CFG)
+        ts        (R,)           the file's ts dtype (the model's)
+        cs        (R, L, 1, D)   token-level conditioning: the B prompts (then B empty prompts)
+        cs_pooled (R, Dp)        pooled conditioning in the same order
 
     With batch_size=1 (the default) batches follow the file's shuffled order, one point each.
     With batch_size=B > 1 every batch holds points of one selected step only (DiffusionKit's
@@ -178,6 +194,7 @@ class CalibrationSet:
         self.xs, self.ts, self.prompt_indices = s.xs, s.ts, s.prompt_indices
         self.cs, self.cs_pooled = s.cs, s.cs_pooled
         self.prompts, self.cfg_scale = s.prompts, s.cfg_scale
+        self.guidance, self.guidance_scale = s.guidance, s.guidance_scale
         self.batch_size = batch_size
         self._batches = self._plan(batch_size)
 
@@ -223,24 +240,26 @@ class CalibrationSet:
 
 
 def cfg_batch(x: np.ndarray, t: np.ndarray, cs, cs_pooled, prompts: np.ndarray) -> Batch:
-    """B points -> the CFG batch of 2B rows [pos_1..pos_B, neg_1..neg_B] that the engine feeds
-    MMDiT: x twice, t twice, each point's prompt then the empty prompt.
+    """B points -> the batch of B x branches rows the engine feeds MMDiT: under CFG
+    [pos_1..pos_B, neg_1..neg_B], x twice, t twice, each point's prompt then the empty prompt;
+    with one branch (FLUX.1) the B rows as they are.
 
-    `cs` (P, 2, L, D) and `cs_pooled` (P, 2, Dp) may be memory maps: rows are copied straight
-    into the batch, once (for SD3 a row of cs is 9.6 MB, so copies are what a batch costs)."""
+    `cs` (P, branches, L, D) and `cs_pooled` (P, branches, Dp) may be memory maps: rows are
+    copied straight into the batch, once (for SD3 a row of cs is 9.6 MB, so copies are what a
+    batch costs)."""
     prompts = np.asarray(prompts)
-    b = len(prompts)
-    cond = np.empty((2 * b, cs.shape[2], 1, cs.shape[3]), dtype=cs.dtype)
-    pooled = np.empty((2 * b, cs_pooled.shape[2]), dtype=cs_pooled.dtype)
+    b, nb = len(prompts), cs.shape[1]
+    cond = np.empty((nb * b, cs.shape[2], 1, cs.shape[3]), dtype=cs.dtype)
+    pooled = np.empty((nb * b, cs_pooled.shape[2]), dtype=cs_pooled.dtype)
     for i, p in enumerate(prompts.tolist()):
-        for half in (0, 1):  # 0: the prompt, 1: the empty negative prompt
+        for half in range(nb):  # under CFG 0: the prompt, 1: the empty negative prompt
             cond[half * b + i, :, 0] = cs[p, half]
             pooled[half * b + i] = cs_pooled[p, half]
-    return np.concatenate([x, x]), np.concatenate([t, t]), cond, pooled
+    return np.concatenate([x] * nb), np.concatenate([t] * nb), cond, pooled
 
 
 def run_mmdit(mmdit, batch: Batch, dtype=None):
-    """MMDiT's output (2B, H, W, 16) for a batch of `CalibrationSet`, as the engine computes it.
+    """MMDiT's output (R, H, W, 16) for a batch of `CalibrationSet`, as the engine computes it.
 
     Caches the modulation parameters for the batch's pooled conditioning and its one timestep
     (DiffusionKit's way: the cache empties the adaLN weights), calls the network, then clears
@@ -251,6 +270,11 @@ def run_mmdit(mmdit, batch: Batch, dtype=None):
     from mlx.utils import tree_flatten
 
     x, t, cs, pooled = batch
+    if getattr(mmdit.config, "guidance_embed", False):
+        raise ConfigError(
+            "run_mmdit takes models without a guidance embedding (DiffusionKit's forward would "
+            "embed the timestep as the guidance); for FLUX.1-dev use calibjob.models.pieces"
+        )
     if len(np.unique(t)) != 1:
         raise ConfigError("a batch for DiffusionKit's MMDiT must hold one timestep")
     if dtype is None:

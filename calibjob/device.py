@@ -202,11 +202,19 @@ def warn_reference_blas() -> None:
     )
 
 
-def resolve_dtype(name: str) -> str:
-    """'auto' is float32 on CPU (MLX's fp16 CPU matmul is ~50x slower) and float16 on a GPU."""
+def resolve_dtype(name: str, model: str | None = None) -> str:
+    """'auto' is float32 on CPU (MLX's fp16 CPU matmul is ~50x slower) and on a GPU the
+    model's own half precision: float16 for SD3, bfloat16 for FLUX.1 (DiffusionKit's choices;
+    FLUX.1's activations outgrow float16's range)."""
     if name != "auto":
         return name
-    return "float16" if on_gpu() else "float32"
+    if not on_gpu():
+        return "float32"
+    if model is None:
+        return "float16"
+    from calibjob.families import model_info
+
+    return model_info(model).gpu_dtype
 
 
 def mx_dtype(name: str) -> mx.Dtype:
@@ -228,16 +236,13 @@ def resolve_compile(name: str) -> str:
 # ---- memory: what the device offers, what a job needs, the batch that fits --------------------
 
 # Measured footprints (GB, float16, 256x256 i.e. 256 image tokens + 589 text tokens, CFG rows
-# included; see README "Memory"): MMDiT weights, and activations per trajectory in the batch
-# on top of them (eager / compiled step). Other sizes scale with tokens and width.
-MMDIT_PARAMS = {
-    "argmaxinc/mlx-stable-diffusion-3-medium": (2.085e9, 1536),
-    "argmaxinc/mlx-stable-diffusion-3.5-large": (8.146e9, 2432),
-    "argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized": (8.146e9 / 4, 2432),
-}
+# included; see README "Memory"): activations per trajectory in the batch on top of the MMDiT's
+# weights (eager / compiled step). Other models and sizes scale with model rows, tokens and
+# width; a model's parameters, width, text length and guidance are in calibjob.families.
 REF_TOKENS, REF_WIDTH = 256 + 589, 1536
-# per trajectory at REF_TOKENS x REF_WIDTH, fp16, the step in 1-block segments (the worst of
-# batches 4-26 on an H200, bench/memory.py: 0.335 eager and 0.335 compiled, both at batch 13)
+# per trajectory (2 model rows: CFG) at REF_TOKENS x REF_WIDTH, fp16, the step in 1-block
+# segments (the worst of batches 4-26 on an H200, bench/memory.py: 0.335 eager and 0.335
+# compiled, both at batch 13)
 TRAJECTORY_GB = {"off": 0.34, "on": 0.34}
 if os.environ.get("CALIBJOB_TRAJECTORY_GB"):  # "off:GB,on:GB", a benchmark's fresh figures
     TRAJECTORY_GB.update(
@@ -246,10 +251,6 @@ if os.environ.get("CALIBJOB_TRAJECTORY_GB"):  # "off:GB,on:GB", a benchmark's fr
             for k, v in (p.split(":") for p in os.environ["CALIBJOB_TRAJECTORY_GB"].split(","))
         }
     )
-# the encode phase of DiffusionKit's SD3 text encoders (CLIP-L, CLIP-G, T5-XXL; the same for every
-# SD3 key), float16: 11.16 GB of weights and 11.89 GB at its peak (H200, bench/hub_e2e.py). The
-# encoders load alone, so this bounds a run whatever the batch.
-ENCODE_GB = 11.9
 RESERVE_GB = 1.0  # conditioning, the step's inputs, MLX's kernels and allocator slack
 MAX_GPU_BATCH = 32  # throughput flattens past 16-32 on an H100
 
@@ -308,15 +309,21 @@ def dtype_bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
+def _info(model: str):
+    from calibjob.families import model_info
+
+    return model_info(model)
+
+
 def weights_gb(model: str, dtype: str) -> float:
-    """The MMDiT's weights in memory (the tiny model: none worth counting)."""
-    params, _ = MMDIT_PARAMS.get(model, (0.0, REF_WIDTH))
-    return params * dtype_bytes(dtype) / 1e9
+    """The MMDiT's weights in memory (the built-in models: none worth counting)."""
+    return _info(model).params * dtype_bytes(dtype) / 1e9
 
 
 def encode_gb(model: str, dtype: str) -> float:
-    """Peak memory of the encode phase (the tiny model: none worth counting)."""
-    return ENCODE_GB * dtype_bytes(dtype) / 2 if model in MMDIT_PARAMS else 0.0
+    """Peak memory of the encode phase, the text encoders loaded alone (the built-in models:
+    none worth counting)."""
+    return _info(model).encode_gb * dtype_bytes(dtype) / 2
 
 
 def note_encode_over(model: str, dtype: str, max_memory: float) -> None:
@@ -332,15 +339,14 @@ def note_encode_over(model: str, dtype: str, max_memory: float) -> None:
         )
 
 
-def trajectory_gb(
-    model: str, dtype: str, compile: str, latent_size=(32, 32), text_tokens=589
-) -> float:
+def trajectory_gb(model: str, dtype: str, compile: str, latent_size=(32, 32)) -> float:
     """Activation memory one more trajectory in the batch costs (measured at the reference
-    shape, scaled linearly in tokens, width and bytes per element)."""
-    _, width = MMDIT_PARAMS.get(model, (0.0, 64))
-    tokens = (latent_size[0] // 2) * (latent_size[1] // 2) + text_tokens
+    shape, scaled linearly in model rows, tokens, width and bytes per element)."""
+    info = _info(model)
+    tokens = (latent_size[0] // 2) * (latent_size[1] // 2) + info.text_tokens
     per = TRAJECTORY_GB["on" if compile == "on" else "off"]
-    return per * tokens / REF_TOKENS * width / REF_WIDTH * dtype_bytes(dtype) / 2
+    rows = info.branches / 2  # the reference is a CFG batch: two rows per trajectory
+    return per * rows * tokens / REF_TOKENS * info.width / REF_WIDTH * dtype_bytes(dtype) / 2
 
 
 def fit_batch(budget_gb: float, fixed_gb: float, per_traj_gb: float, cap: int) -> int:

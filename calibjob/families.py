@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from calibjob.errors import ConfigError
 
 GUIDANCE_MODES = ("cfg", "none", "embedded")
+LATENT_CHANNELS = 16  # both families' VAEs (SD3's and FLUX.1's autoencoders) have 16
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ModelInfo:
     params: float = 0.0  # MMDiT parameters (for the memory plan; 0: too small to count)
     width: int = 64  # MMDiT hidden size (the memory plan scales activations by it)
     encode_gb: float = 0.0  # peak of the encode phase in float16/bfloat16 (text encoders alone)
+    gpu_dtype: str = "float16"  # the half precision 'auto' takes on a GPU (DiffusionKit's)
 
     @property
     def branches(self) -> int:
@@ -73,9 +75,10 @@ FLUX_DEV_GUIDANCE = 3.5
 
 MODELS: tuple[ModelInfo, ...] = (
     ModelInfo(TINY, "sd3", builtin=True, t5_tokens=32),
-    ModelInfo(TINY_FLUX, "flux", guidance="none", builtin=True, t5_tokens=32),
+    ModelInfo(TINY_FLUX, "flux", guidance="none", builtin=True, t5_tokens=32,
+              gpu_dtype="bfloat16"),
     ModelInfo(TINY_FLUX_DEV, "flux", guidance="embedded", default_guidance=FLUX_DEV_GUIDANCE,
-              builtin=True, t5_tokens=64),
+              builtin=True, t5_tokens=64, gpu_dtype="bfloat16"),
     ModelInfo(SD3_MEDIUM, "sd3", ("sd3-medium", "sd3"), t5_tokens=512, params=2.085e9,
               width=1536, encode_gb=_SD3_ENCODE_GB),
     ModelInfo("argmaxinc/mlx-stable-diffusion-3.5-large", "sd3", ("sd3.5-large",),
@@ -83,12 +86,13 @@ MODELS: tuple[ModelInfo, ...] = (
     ModelInfo("argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized", "sd3",
               t5_tokens=512, params=8.146e9 / 4, width=2432, encode_gb=_SD3_ENCODE_GB),
     ModelInfo(FLUX_SCHNELL, "flux", ("flux-schnell",), guidance="none", t5_tokens=256,
-              params=_FLUX_PARAMS, width=3072, encode_gb=_FLUX_ENCODE_GB),
+              params=_FLUX_PARAMS, width=3072, encode_gb=_FLUX_ENCODE_GB, gpu_dtype="bfloat16"),
     ModelInfo("argmaxinc/mlx-FLUX.1-schnell-4bit-quantized", "flux", guidance="none",
-              t5_tokens=256, params=_FLUX_PARAMS / 4, width=3072, encode_gb=_FLUX_ENCODE_GB),
+              t5_tokens=256, params=_FLUX_PARAMS / 4, width=3072, encode_gb=_FLUX_ENCODE_GB,
+              gpu_dtype="bfloat16"),
     ModelInfo(FLUX_DEV, "flux", ("flux-dev",), guidance="embedded",
               default_guidance=FLUX_DEV_GUIDANCE, t5_tokens=512, params=_FLUX_PARAMS,
-              width=3072, encode_gb=_FLUX_ENCODE_GB),
+              width=3072, encode_gb=_FLUX_ENCODE_GB, gpu_dtype="bfloat16"),
 )  # fmt: skip
 _BY_NAME = {n: m for m in MODELS for n in (m.key, *m.aliases)}
 

@@ -143,11 +143,16 @@ def _check_shapes(a: dict[str, np.ndarray]) -> list[str]:
             bad.append(f"{k} has shape {shape(k)}, expected ({m},) like xs")
         if a[k].dtype.kind not in kind:
             bad.append(f"{k} has dtype {a[k].dtype}, expected {'float' if kind == 'f' else 'int'}")
-    if cs.ndim != 4 or cs.shape[1] != 2:
-        bad.append(f"cs has shape {shape('cs')}, expected (prompts, 2, L, D)")
+    bad += _check_model(a)
+    guidance = _guidance(a)
+    nb = 2 if guidance == "cfg" else 1
+    what = f"the prompt and the empty prompt (guidance {guidance})" if nb == 2 else (
+        f"the prompt (guidance {guidance})")
+    if cs.ndim != 4 or cs.shape[1] != nb:
+        bad.append(f"cs has shape {shape('cs')}, expected (prompts, {nb}, L, D): {what}")
     p = cs.shape[0] if cs.ndim else -1
-    if a["cs_pooled"].ndim != 3 or a["cs_pooled"].shape[:2] != (p, 2):
-        bad.append(f"cs_pooled has shape {shape('cs_pooled')}, expected ({p}, 2, Dp) like cs")
+    if a["cs_pooled"].ndim != 3 or a["cs_pooled"].shape[:2] != (p, nb):
+        bad.append(f"cs_pooled has shape {shape('cs_pooled')}, expected ({p}, {nb}, Dp) like cs")
     if a["prompts"].shape != (p,) or a["prompts"].dtype.kind not in "US":
         bad.append(f"prompts is {a['prompts'].dtype} of shape {shape('prompts')}, "
                    f"expected {p} strings like cs")
@@ -157,6 +162,48 @@ def _check_shapes(a: dict[str, np.ndarray]) -> list[str]:
     sg = a["sigmas"]
     if sg.ndim != 1 or sg.size < 2 or sg.dtype.kind != "f":
         bad.append(f"sigmas is {sg.dtype} of shape {shape('sigmas')}, expected S+1 floats")
+    return bad
+
+
+def _guidance(a: dict[str, np.ndarray]) -> str:
+    """The file's guidance mode; files made before FLUX.1 came have none and are CFG (SD3)."""
+    return str(a["guidance"]) if "guidance" in a else "cfg"
+
+
+def _check_model(a: dict[str, np.ndarray]) -> list[str]:
+    """The guidance keys against their contract and against the model that made the file: the
+    branch axis, cfg_scale and guidance_scale must be what that model's guidance uses."""
+    from calibjob.errors import ConfigError
+    from calibjob.families import GUIDANCE_MODES, model_info
+
+    guidance, bad = _guidance(a), []
+    if guidance not in GUIDANCE_MODES:
+        return [f"guidance is {guidance!r}, expected one of {', '.join(GUIDANCE_MODES)}"]
+    if "model_version" in a:
+        try:
+            info = model_info(str(a["model_version"]))
+        except ConfigError:
+            bad.append(f"model_version {str(a['model_version'])!r} is not a model calibjob knows")
+        else:
+            if info.guidance != guidance:
+                bad.append(f"guidance is {guidance}, but {info.name} runs with {info.guidance}")
+    cfg = a["cfg_scale"]
+    if cfg.size == 1 and cfg.dtype.kind in "fi" and np.isfinite(cfg):
+        c = float(cfg)
+        if guidance == "cfg" and c <= 1:
+            bad.append(f"cfg_scale is {c:g}: classifier-free guidance needs a scale above 1")
+        if guidance != "cfg" and c != 0:
+            bad.append(f"cfg_scale is {c:g}, but guidance {guidance} has no CFG (expected 0)")
+    g = a.get("guidance_scale")
+    if g is not None:
+        if g.size != 1 or g.dtype.kind not in "fi" or not np.isfinite(g).all():
+            bad.append(f"guidance_scale is {g.dtype} of shape {g.shape}, expected one number")
+        elif guidance != "embedded" and float(g) != 0:
+            bad.append(f"guidance_scale is {float(g):g}, but guidance {guidance} embeds none")
+        elif guidance == "embedded" and float(g) < 0:
+            bad.append(f"guidance_scale is {float(g):g}, expected a scale >= 0")
+    elif guidance == "embedded":
+        bad.append("missing key: guidance_scale (guidance embedded needs its scale)")
     return bad
 
 
@@ -297,9 +344,18 @@ def inspect_npz(path: str | Path) -> Report:
     rep.summary = [
         f"{rep.path}: valid. {xs.shape[0]} points = {n} trajectories x {len(acc)} of "
         f"{sigmas.size - 1} steps; {p} prompts; latent {xs.shape[1]}x{xs.shape[2]}x16; "
-        f"cfg {float(a['cfg_scale']):g}; ts {ts.dtype}"
+        f"{_guidance_words(a)}; ts {ts.dtype}"
     ]
     return rep
+
+
+def _guidance_words(a: dict[str, np.ndarray]) -> str:
+    guidance = _guidance(a)
+    if guidance == "cfg":
+        return f"cfg {float(a['cfg_scale']):g}"
+    if guidance == "embedded":
+        return f"embedded guidance {float(a['guidance_scale']):g}"
+    return "no guidance"
 
 
 def _row(step: int, t: float, sigma: float, acc: RunningStats, hwc: int, selected=True) -> StepRow:
@@ -312,7 +368,8 @@ def _row(step: int, t: float, sigma: float, acc: RunningStats, hwc: int, selecte
 
 def inspect_store(path: str | Path) -> Report:
     """Per recorded step, over the trajectories done so far, one chunk at a time."""
-    from calibjob.jobs.run import LATENT_CHANNELS, open_run_store
+    from calibjob.families import LATENT_CHANNELS
+    from calibjob.jobs.run import open_run_store
 
     st = open_run_store(path)
     cfg = st.config

@@ -13,8 +13,11 @@ then `numpy.random.default_rng(seed).permutation(N * K)` applied to every per-po
 
 Keys: xs, ts, prompt_indices (int32), cs, cs_pooled, prompts, cfg_scale (float32 scalar), the
 spec's; plus trajectory_indices and step_indices (where each point came from), sigmas (the
-schedule, S+1 values; a point's sigma is sigmas[step_indices]), and model_version, shift and
-dtype (the model that made the set, which `calibjob profile` loads again).
+schedule, S+1 values; a point's sigma is sigmas[step_indices]), model_version, shift and dtype
+(the model that made the set, which `calibjob profile` loads again), and guidance ('cfg',
+'none' or 'embedded') with guidance_scale (float32; the embedded scale, 0 without one). The
+branch axis of cs and cs_pooled holds what the model's guidance uses: under CFG (SD3) the
+prompt and the empty prompt, otherwise (FLUX.1) the prompt alone.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from calibjob.core.status import shards_run_here
 from calibjob.core.store import JobStore
 from calibjob.core.words import fmt_ranges
 from calibjob.errors import ConfigError, StoreDamaged, StoreError
-from calibjob.jobs.run import LATENT_CHANNELS, open_run_store, units_for
+from calibjob.families import LATENT_CHANNELS
+from calibjob.jobs.run import open_run_store, units_for
 from calibjob.selection import point_order, select_steps
 
 ROWS_PER_WRITE = 256
@@ -186,6 +190,8 @@ def merge(
                 _write_rows(zf, name, arr.shape, arr.dtype, stores[0].prepared_rows(name))
             _write_npy(zf, "prompts", np.array(cfg.prompts, dtype=str))
             _write_npy(zf, "cfg_scale", np.array(cfg.cfg_scale, dtype=np.float32))
+            _write_npy(zf, "guidance", np.array(cfg.model.guidance))
+            _write_npy(zf, "guidance_scale", np.array(cfg.guidance_scale or 0.0, np.float32))
             _write_npy(zf, "trajectory_indices", traj_idx)
             _write_npy(zf, "step_indices", step_idx)
             _write_npy(zf, "sigmas", sigmas)

@@ -2,13 +2,13 @@
 
 The store keeps x BEFORE each of the S model calls, so its last entry xs[k, S-1] is one Euler
 step short of the image. We finish it with that one step, not by rerunning the trajectory (one
-model call per image instead of S): DiffusionKit's MMDiT on the CFG batch built the way the
-engine builds it (`calibjob.data.cfg_batch`, `run_mmdit`: modulation cached by DiffusionKit's
-own `cache_modulation_params`), then the engine's CFG and Euler arithmetic (`euler_step`). The
-Engine's step itself is private (and being optimised), so it is not called here; instead
-tests/test_preview_data.py checks that the result equals the final latent `Engine.run_unit`
-returns. Then, as DiffusionKit does: `SD3LatentFormat().process_out`, the VAE decoder,
-`clip(x / 2 + 0.5, 0, 1)`.
+model call per image instead of S): DiffusionKit's MMDiT, through calibjob's pieces
+(`models/pieces.forward`: the modulation as the engine computes it, guidance term included), on
+the batch built the way the engine builds it (`calibjob.data.cfg_batch`), then the engine's
+CFG and Euler arithmetic (`euler_step`). The Engine's step itself is private (and being
+optimised), so it is not called here; instead tests/test_preview_data.py checks that the result
+equals the final latent `Engine.run_unit` returns. Then, as DiffusionKit does: the family's
+latent format (`process_out`), the VAE decoder, `clip(x / 2 + 0.5, 0, 1)`.
 """
 
 from __future__ import annotations
@@ -55,16 +55,19 @@ def choose_trajectories(store: JobStore, spec: str | None, n: int) -> list[int]:
 
 
 def euler_step(model, x, out, sigma: float, sigma_next: float, cfg_scale: float):
-    """x_next from MMDiT's output on the CFG batch [x, x]: DiffusionKit's CFGDenoiser
-    (calculate_denoised, neg + cfg (pos - neg)) then sample_euler's step, as the engine does."""
+    """x_next from MMDiT's output on the batch (under CFG [x, x]): DiffusionKit's CFGDenoiser
+    (calculate_denoised, under CFG neg + cfg (pos - neg)) then sample_euler's step, as the
+    engine does."""
     import mlx.core as mx
 
     x = mx.array(x)
+    nb = model.info.branches
     sigma_a, next_a = mx.array(np.float32(sigma)), mx.array(np.float32(sigma_next))
-    x_in = mx.concatenate([x, x], axis=0).astype(model.activation_dtype)
+    x_in = (mx.concatenate([x] * nb, axis=0) if nb > 1 else x).astype(model.activation_dtype)
     denoised = model.sampler.calculate_denoised(sigma_a, out, x_in)
-    pos, neg = denoised.split(2)
-    denoised = neg + cfg_scale * (pos - neg)
+    if nb > 1:
+        pos, neg = denoised.split(2)
+        denoised = neg + cfg_scale * (pos - neg)
     d = (x - denoised) / sigma_a
     return x + d * (next_a - sigma_a)
 
@@ -76,7 +79,8 @@ def final_latents(store: JobStore, model, trajectories: list[int]) -> np.ndarray
     (prompts mixed, see `calibjob.data.cfg_batch`), in batches of BATCH."""
     import mlx.core as mx
 
-    from calibjob.data import cfg_batch, run_mmdit
+    from calibjob.data import cfg_batch
+    from calibjob.models.pieces import forward
 
     cfg = store.config
     sigmas, ts = store.read_prepared("sigmas"), store.read_prepared("ts")
@@ -91,7 +95,11 @@ def final_latents(store: JobStore, model, trajectories: list[int]) -> np.ndarray
         ks = trajectories[i : i + BATCH]
         x = np.stack([store.read_row("xs", k)[last] for k in ks])
         batch = cfg_batch(x, np.full(len(ks), ts[last]), cs, cs_pooled, np.array(ks) % p)
-        y = run_mmdit(model.mmdit, batch, dtype=model.activation_dtype)
+        xb, tb, cb, pb = (mx.array(a) for a in batch)
+        act = model.activation_dtype
+        # the timestep as the store keeps it: in the dtype the model saw (the schedule's)
+        y = forward(model.mmdit, xb.astype(act), cb.astype(act), pb.astype(act), tb[:1],
+                    cfg.guidance_scale)
         x_next = euler_step(model, x, y, sigmas[last], sigmas[last + 1], cfg.cfg_scale)
         mx.eval(x_next)
         out.append(np.array(x_next, dtype=np.float32))
@@ -99,17 +107,16 @@ def final_latents(store: JobStore, model, trajectories: list[int]) -> np.ndarray
 
 
 def decode(model, latents: np.ndarray) -> np.ndarray:
-    """Latents (B, H, W, 16) -> RGB uint8 (B, 8H, 8W, 3), DiffusionKit's decode path."""
+    """Latents (B, H, W, 16) -> RGB uint8 (B, 8H, 8W, 3), DiffusionKit's decode path (the
+    family's latent format, then its VAE decoder)."""
     import calibjob.diffusionkit_imports  # noqa: F401  (before MLX and DiffusionKit)
 
     # isort: split
     import mlx.core as mx
-    from diffusionkit.mlx import SD3LatentFormat
-
-    x = SD3LatentFormat().process_out(mx.array(latents))
+    x = model.family.process_out(mx.array(latents))
     images = []
     decoder = model.decoder()
-    for i in range(x.shape[0]):  # one image at a time: SD3's VAE is memory-hungry
+    for i in range(x.shape[0]):  # one image at a time: the VAEs are memory-hungry
         img = mx.clip(decoder(x[i : i + 1]) / 2 + 0.5, 0, 1)
         mx.eval(img)
         images.append(np.array(img[0].astype(mx.float32)))

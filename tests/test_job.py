@@ -56,7 +56,9 @@ def test_merged_file_matches_the_spec(baseline, prompt_file):
     assert set(d) == {
         "xs", "ts", "prompt_indices", "cs", "cs_pooled", "prompts", "cfg_scale",
         "trajectory_indices", "step_indices", "sigmas", "model_version", "shift", "dtype",
+        "guidance", "guidance_scale",
     }  # fmt: skip
+    assert str(d["guidance"]) == "cfg" and float(d["guidance_scale"]) == 0.0
     assert str(d["model_version"]) == "tiny" and d["model_version"].dtype.kind == "U"
     assert float(d["shift"]) == 3.0 and str(d["dtype"]) == "float32"
     m = N * K

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from calibjob import families
 from calibjob.cli.base import (
     ForceOpt,
     OutputOpt,
@@ -62,7 +63,8 @@ def run(
         typer.Option(
             "--model-version",
             metavar="NAME",
-            help="'tiny' (built in), 'sd3-medium' or a DiffusionKit SD3 key. "
+            help="'tiny', 'tiny-flux', 'tiny-flux-dev' (built in), 'sd3-medium', "
+            "'sd3.5-large', 'flux-schnell', 'flux-dev' or a DiffusionKit key. "
             f"(paper: {_PAPER.model_version})",
         ),
     ] = None,
@@ -105,7 +107,17 @@ def run(
         typer.Option(
             "--cfg-scale",
             metavar="SCALE",
-            help=f"Classifier-free guidance. (paper: {_PAPER.cfg_scale})",
+            help="Classifier-free guidance (SD3: above 1; FLUX.1: 0, none). "
+            f"(paper: {_PAPER.cfg_scale})",
+        ),
+    ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance-scale",
+            metavar="G",
+            help="The guidance scale a guidance-distilled model embeds (FLUX.1-dev); 0 for the "
+            f"others. (default: the model's own, {families.FLUX_DEV_GUIDANCE} for FLUX.1-dev)",
         ),
     ] = None,
     prompt_file: Annotated[
@@ -229,6 +241,7 @@ def run(
         num_selected_steps=num_selected_steps,
         latent_size=list(latent_size) if latent_size else None,
         cfg_scale=cfg_scale,
+        guidance_scale=guidance_scale,
         prompt_file=prompt_file,
         prompt_column=prompt_column,
         num_prompts=num_prompts,

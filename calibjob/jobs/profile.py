@@ -79,7 +79,7 @@ def resolve(job: ProfileJob, cal: CalibSet, existing: ProfileJob | None) -> Prof
         if reduce == "auto":
             reduce = "float32" if device.on_gpu() else "float64"
         job = job.replace(
-            dtype=device.resolve_dtype(job.dtype),
+            dtype=device.resolve_dtype(job.dtype, job.model_version),
             compile=device.resolve_compile(job.compile),
             reduce_dtype=reduce,
             batch_size=device.resolve_batch_size(
@@ -121,6 +121,11 @@ def check_model(model, cal: CalibSet) -> None:
     if h % c.patch_size or w % c.patch_size or max(h, w) > c.max_latent_resolution:
         problems.append(
             f"latent {h}x{w} (model: multiples of {c.patch_size} up to {c.max_latent_resolution})"
+        )
+    if cal.branches != model.info.branches:
+        problems.append(
+            f"{cal.branches} conditioning branch(es) (model: {model.info.branches}, guidance "
+            f"{model.info.guidance})"
         )
     if problems:
         raise ConfigError(f"model {model.name} does not match {cal.path}: {'; '.join(problems)}")
@@ -169,7 +174,7 @@ class ProfileSession(Session):
         j = self.job
         self.profiler = Profiler(
             self._model(), reduce_dtype=j.reduce_dtype, bins=j.hist_bins, limit=j.hist_range,
-            compile=j.compile == "on",
+            compile=j.compile == "on", guidance_scale=self.cal.guidance_scale,
         )  # fmt: skip
 
     def units(self) -> list[ProfileUnit]:

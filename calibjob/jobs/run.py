@@ -20,9 +20,9 @@ from calibjob.core.job import ArraySpec, Job, Layout, Session
 from calibjob.core.progress import peak_memory_gb
 from calibjob.core.store import JobStore
 from calibjob.errors import StoreError
+from calibjob.families import LATENT_CHANNELS
 from calibjob.prompts import read_prompts
 
-LATENT_CHANNELS = 16  # SD3's VAE latent channels
 PREPARED = ("cs", "cs_pooled", "sigmas", "ts")
 
 
@@ -84,7 +84,8 @@ def resolve_config(cfg: JobConfig, existing: JobConfig | None, share: int = 1) -
     if "auto" in (cfg.dtype, cfg.compile) or cfg.batch_size == 0:
         per_prompt = -(-cfg.num_fid_samples // len(cfg.prompts))
         cfg = cfg.replace(
-            dtype=device.resolve_dtype(cfg.dtype), compile=device.resolve_compile(cfg.compile)
+            dtype=device.resolve_dtype(cfg.dtype, cfg.model_version),
+            compile=device.resolve_compile(cfg.compile),
         )
         cfg = cfg.replace(
             batch_size=device.resolve_batch_size(
@@ -117,8 +118,9 @@ def _materialized(model):
 
     from calibjob.device import mx
 
-    t = model.text
-    for part in (model.mmdit, *((t.clip_l, t.clip_g, t.t5) if t is not None else ())):
+    text = vars(model.text).values() if model.text is not None else ()
+    encoders = [v for v in text if hasattr(v, "parameters")]
+    for part in (model.mmdit, *encoders):
         if part is not None:
             mx.eval(part.parameters())
     gc.collect()
@@ -195,7 +197,8 @@ class RunSession(Session):
         self.cs, self.cs_pooled = store.read_prepared("cs"), store.read_prepared("cs_pooled")
         self.engine = Engine(
             model, num_steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale,
-            latent_size=cfg.latent_size, seed=cfg.seed, compile=cfg.compile == "on",
+            guidance_scale=cfg.guidance_scale, latent_size=cfg.latent_size, seed=cfg.seed,
+            compile=cfg.compile == "on",
         )  # fmt: skip
         if not np.array_equal(store.read_prepared("ts"), self.engine.timesteps_np):
             raise StoreError("the store's timesteps differ from this DiffusionKit's schedule")
@@ -257,7 +260,7 @@ class RunJob(Job):
 
         device.resolve_batch_size(
             spec.batch_size, -(-spec.num_fid_samples // len(spec.prompts)),
-            model=spec.model_version, dtype=device.resolve_dtype(spec.dtype),
+            model=spec.model_version, dtype=device.resolve_dtype(spec.dtype, spec.model_version),
             compile=device.resolve_compile(spec.compile), latent_size=spec.latent_size,
             max_memory=spec.max_memory, share=share,
         )  # fmt: skip

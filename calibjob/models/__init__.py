@@ -122,7 +122,7 @@ def load(
     loads the MMDiT)."""
     info = model_info(name)
     family = family_of(info)
-    dtype = device.resolve_dtype(dtype)
+    dtype = device.resolve_dtype(dtype, info.key)
     device.warn_reference_blas()
     mdt = device.mx_dtype(dtype)
     if info.builtin:

@@ -246,3 +246,24 @@ def forward_pieces(
         (f"uni_{i:02d}",) for i in range(len(unified))
     ]
     return Pieces(head, blocks, block_modules, names, tail, extra)
+
+
+def forward(
+    mmdit, x_in: mx.array, cond: mx.array, pooled: mx.array, timestep: mx.array,
+    guidance: float | None = None,
+) -> mx.array:
+    """One eager forward through the pieces, each row with its own pooled conditioning (rows
+    of several prompts may share a call): x_in (R, H, W, C), cond (R, L, 1, D), pooled (R, Dp),
+    timestep (1,) -> the MMDiT's output (R, H, W, C), unevaluated."""
+    modules = modulated_modules(mmdit)
+    slots = [ModulationSlot() for _ in modules]
+    mods = modulation_params(mmdit, pooled, timestep, guidance)[0]
+    p = forward_pieces(
+        mmdit, slots, rows=x_in.shape[0], batch=1, text_len=cond.shape[1],
+        latent_size=(x_in.shape[1], x_in.shape[2]),
+    )  # fmt: skip
+    with slots_installed(modules, slots):
+        state = p.head(x_in, cond)
+        for f, idx in zip(p.blocks, p.block_modules, strict=True):
+            state = f(*state, *(mods[j] for j in idx), *p.extra)
+        return p.tail(*state, mods[-1])
