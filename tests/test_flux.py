@@ -119,7 +119,8 @@ def test_unknown_and_misguided_flux_jobs_are_refused_in_one_line():
         JobConfig(**kw).with_model_defaults().validate()
 
     check(model_version="flux-dev", cfg_scale=0.0)  # guidance 3.5, the model's own
-    assert JobConfig(model_version="flux-dev", cfg_scale=0).with_model_defaults().guidance_scale == 3.5
+    dev = JobConfig(model_version="flux-dev", cfg_scale=0).with_model_defaults()
+    assert dev.guidance_scale == 3.5 and dev.model_version == "argmaxinc/mlx-FLUX.1-dev"
     for kw, words in (
         (dict(model_version="flux-schnell"), "--cfg-scale 0"),
         (dict(model_version="flux-schnell", cfg_scale=0.0, guidance_scale=3.5), "no guidance"),
@@ -210,7 +211,7 @@ def test_flux_preview_status_and_profile(flux_baseline, tmp_path):
 
     p = load(prof)
     assert p.layers == ["mm_00_img", "mm_00_txt", "mm_01_img", "mm_01_txt", "uni_00", "uni_01"]
-    assert len(p.keys()) == 24  # four inputs in every stream (FLUX's last joint block keeps its MLP)
+    assert len(p.keys()) == 24  # four inputs a stream: FLUX's last joint block keeps its MLP
     # a set of another family is refused by the model it is not for, in one line
     res = cli("profile", str(npz), "--store", str(tmp_path / "q.zarr"), "--model-version",
               "tiny", check=False)
