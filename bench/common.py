@@ -64,12 +64,13 @@ def sd3_2b_config(dtype):
     return dataclasses.replace(SD3_2b, dtype=dtype, low_memory_mode=False)
 
 
-def make_model(mmdit, dtype_name: str, name: str = "bench-random"):
-    from diffusionkit.mlx.sampler import ModelSamplingDiscreteFlow
+def make_model(mmdit, dtype_name: str, name: str = "sd3-medium", shift: float = 3.0):
+    """A loaded model of `name`'s family (its sampler, guidance and latents) holding `mmdit`."""
+    from calibjob.families import model_info
+    from calibjob.models import Model, family_of
 
-    from calibjob.models import Model
-
-    return Model(name, mmdit, ModelSamplingDiscreteFlow(shift=3.0), None, dtype_name)
+    info = model_info(name)
+    return Model(info.key, mmdit, family_of(info).sampler(shift), None, dtype_name)
 
 
 def random_conditioning(prompts: int, tokens: int, dim: int, pooled: int, seed: int = 1):

@@ -83,7 +83,7 @@ def bench_model(depth: int, hidden: int, heads: int):
         depth=depth, hidden=hidden, heads=heads, text_dim=TEXT_DIM, pooled_dim=POOLED_DIM,
         dtype=mx.float32,
     )
-    return common.make_model(common.random_mmdit(config, mx.float32), "float32", "bench-mmdit")
+    return common.make_model(common.random_mmdit(config, mx.float32), "float32")
 
 
 def engine_alone(model, cfg, cs, cs_pooled) -> float:
