@@ -65,7 +65,9 @@ def conditioning(prompts: int, tokens: int, dim: int, pooled: int):
 def bare_ms(mmdit, cs, cp, latent, batch, dtype, reps=3) -> float:
     """DiffusionKit's own forward: its modulation cache for one timestep, then MMDiT.__call__,
     ms per sample (= sample-step) after one warm-up; the adaLN weights put back afterwards."""
-    kept = tree_flatten(mmdit.parameters())
+    # only the adaLN weights (the cache empties them): restoring every parameter would also
+    # restore the RoPE module's cached tables, stale under another resolution
+    kept = [(k, v) for k, v in tree_flatten(mmdit.parameters()) if "adaLN" in k]
     t = mx.array([500.0]).astype(dtype)
     pooled = mx.repeat(mx.array(cp[0]).astype(dtype), batch, axis=0)
     mmdit.cache_modulation_params(pooled, t)

@@ -279,7 +279,9 @@ def run_mmdit(mmdit, batch: Batch, dtype=None):
         raise ConfigError("a batch for DiffusionKit's MMDiT must hold one timestep")
     if dtype is None:
         dtype = mmdit.x_embedder.proj.weight.dtype
-    kept = tree_flatten(mmdit.parameters())
+    # only the adaLN weights (the cache empties them): restoring every parameter would also
+    # restore the RoPE module's cached tables, stale under another resolution
+    kept = [(k, v) for k, v in tree_flatten(mmdit.parameters()) if "adaLN" in k]
     timestep = mx.array(t)
     mmdit.cache_modulation_params(mx.array(pooled).astype(dtype), timestep[:1])
     try:

@@ -87,7 +87,7 @@ class Engine:
         sigmas, timesteps = model.schedule(num_steps)
         self.sigmas_np, self.timesteps_np = sigmas, timesteps
         self.sigmas = mx.array(sigmas)
-        self.timesteps = mx.array(timesteps)
+        self.timesteps = mx.array(timesteps).astype(model.activation_dtype)
         # evaluated scalars, so a step's inputs cost no slicing on the device
         self._sigma = [mx.array(s) for s in sigmas]
         mx.eval(self._sigma)

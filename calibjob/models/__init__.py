@@ -94,6 +94,9 @@ class Model:
         model timesteps (S,) of the S model calls, in the activation dtype the model sees."""
         sigmas = DiffusionPipeline.get_sigmas(None, self.sampler, num_steps)
         timesteps = self.sampler.timestep(sigmas).astype(self.activation_dtype)[:num_steps]
+        # numpy has no bfloat16: such timesteps go out as float32 holding the bfloat16 values
+        if timesteps.dtype == mx.bfloat16:
+            timesteps = timesteps.astype(mx.float32)
         return np.array(sigmas), np.array(timesteps)
 
     def decoder(self):

@@ -130,10 +130,12 @@ def positional_encodings(mmdit, text_len: int, latent_size: tuple[int, int]) -> 
     if mmdit.config.pos_embed_type != PositionalEncoding.PreSDPARope:
         return None
     p = mmdit.config.patch_size
-    pe = mmdit.pre_sdpa_rope(
-        text_sequence_length=text_len,
-        latent_image_resolution=(latent_size[0] // p, latent_size[1] // p),
-    )
+    rope = mmdit.pre_sdpa_rope
+    # RoPE's own __call__ caches the tables on the module, where they count as a parameter: a
+    # caller that saves and restores the MMDiT's parameters (DiffusionKit's modulation cache
+    # dance) restores stale tables under a new resolution. Its methods, without the cache:
+    positions = rope._get_positions((latent_size[0] // p, latent_size[1] // p), text_len)
+    pe = mx.expand_dims(rope.rope(positions, rope.theta), axis=1)
     mx.eval(pe)
     return pe
 
