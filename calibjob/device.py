@@ -346,7 +346,8 @@ def trajectory_gb(model: str, dtype: str, compile: str, latent_size=(32, 32)) ->
     tokens = (latent_size[0] // 2) * (latent_size[1] // 2) + info.text_tokens
     per = TRAJECTORY_GB["on" if compile == "on" else "off"]
     rows = info.branches / 2  # the reference is a CFG batch: two rows per trajectory
-    return per * rows * tokens / REF_TOKENS * info.width / REF_WIDTH * dtype_bytes(dtype) / 2
+    scale = info.activation_scale * rows * tokens / REF_TOKENS * info.width / REF_WIDTH
+    return per * scale * dtype_bytes(dtype) / 2
 
 
 def fit_batch(budget_gb: float, fixed_gb: float, per_traj_gb: float, cap: int) -> int:

@@ -40,6 +40,11 @@ class ModelInfo:
     width: int = 64  # MMDiT hidden size (the memory plan scales activations by it)
     encode_gb: float = 0.0  # peak of the encode phase in float16/bfloat16 (text encoders alone)
     gpu_dtype: str = "float16"  # the half precision 'auto' takes on a GPU (DiffusionKit's)
+    # activations per token and width against SD3's measured ones (calibjob.device): FLUX.1's
+    # unified blocks hold more. Measured on an H200 (bench/flux_gpu.py, bfloat16, compiled):
+    # 2.43 GB per trajectory at 1024x1024 (4,352 tokens), 0.29 at 256x256, 1.4x SD3's per token
+    # and width.
+    activation_scale: float = 1.0
 
     @property
     def branches(self) -> int:
@@ -70,30 +75,39 @@ _SD3_ENCODE_GB = 11.9
 _FLUX_ENCODE_GB = 10.5
 # FLUX.1's MMDiT (19 joint + 38 unified blocks, hidden 3072): 11.9e9 parameters
 _FLUX_PARAMS = 11.9e9
+_FLUX_ACTIVATIONS = 1.4
 # Guidance-distilled FLUX.1-dev's default guidance scale (DiffusionKit's CLI and the model's own)
 FLUX_DEV_GUIDANCE = 3.5
 
+def _flux(key: str, aliases: tuple[str, ...] = (), **facts) -> ModelInfo:
+    """A FLUX.1 model: bfloat16 on a GPU, FLUX.1's activations, its text encoders."""
+    facts = {"gpu_dtype": "bfloat16", "activation_scale": _FLUX_ACTIVATIONS, **facts}
+    if not facts.get("builtin"):
+        facts = {"params": _FLUX_PARAMS, "width": 3072, "encode_gb": _FLUX_ENCODE_GB, **facts}
+    return ModelInfo(key, "flux", aliases, **facts)
+
+
+def _sd3(key: str, aliases: tuple[str, ...] = (), **facts) -> ModelInfo:
+    if not facts.get("builtin"):
+        facts = {"t5_tokens": 512, "encode_gb": _SD3_ENCODE_GB, **facts}
+    return ModelInfo(key, "sd3", aliases, **facts)
+
+
 MODELS: tuple[ModelInfo, ...] = (
-    ModelInfo(TINY, "sd3", builtin=True, t5_tokens=32),
-    ModelInfo(TINY_FLUX, "flux", guidance="none", builtin=True, t5_tokens=32,
-              gpu_dtype="bfloat16"),
-    ModelInfo(TINY_FLUX_DEV, "flux", guidance="embedded", default_guidance=FLUX_DEV_GUIDANCE,
-              builtin=True, t5_tokens=64, gpu_dtype="bfloat16"),
-    ModelInfo(SD3_MEDIUM, "sd3", ("sd3-medium", "sd3"), t5_tokens=512, params=2.085e9,
-              width=1536, encode_gb=_SD3_ENCODE_GB),
-    ModelInfo("argmaxinc/mlx-stable-diffusion-3.5-large", "sd3", ("sd3.5-large",),
-              t5_tokens=512, params=8.146e9, width=2432, encode_gb=_SD3_ENCODE_GB),
-    ModelInfo("argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized", "sd3",
-              t5_tokens=512, params=8.146e9 / 4, width=2432, encode_gb=_SD3_ENCODE_GB),
-    ModelInfo(FLUX_SCHNELL, "flux", ("flux-schnell",), guidance="none", t5_tokens=256,
-              params=_FLUX_PARAMS, width=3072, encode_gb=_FLUX_ENCODE_GB, gpu_dtype="bfloat16"),
-    ModelInfo("argmaxinc/mlx-FLUX.1-schnell-4bit-quantized", "flux", guidance="none",
-              t5_tokens=256, params=_FLUX_PARAMS / 4, width=3072, encode_gb=_FLUX_ENCODE_GB,
-              gpu_dtype="bfloat16"),
-    ModelInfo(FLUX_DEV, "flux", ("flux-dev",), guidance="embedded",
-              default_guidance=FLUX_DEV_GUIDANCE, t5_tokens=512, params=_FLUX_PARAMS,
-              width=3072, encode_gb=_FLUX_ENCODE_GB, gpu_dtype="bfloat16"),
-)  # fmt: skip
+    _sd3(TINY, builtin=True, t5_tokens=32),
+    _flux(TINY_FLUX, guidance="none", builtin=True, t5_tokens=32),
+    _flux(TINY_FLUX_DEV, guidance="embedded", default_guidance=FLUX_DEV_GUIDANCE, builtin=True,
+          t5_tokens=64),
+    _sd3(SD3_MEDIUM, ("sd3-medium", "sd3"), params=2.085e9, width=1536),
+    _sd3("argmaxinc/mlx-stable-diffusion-3.5-large", ("sd3.5-large",), params=8.146e9, width=2432),
+    _sd3("argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized", params=8.146e9 / 4,
+         width=2432),
+    _flux(FLUX_SCHNELL, ("flux-schnell",), guidance="none", t5_tokens=256),
+    _flux("argmaxinc/mlx-FLUX.1-schnell-4bit-quantized", guidance="none", t5_tokens=256,
+          params=_FLUX_PARAMS / 4),
+    _flux(FLUX_DEV, ("flux-dev",), guidance="embedded", default_guidance=FLUX_DEV_GUIDANCE,
+          t5_tokens=512),
+)
 _BY_NAME = {n: m for m in MODELS for n in (m.key, *m.aliases)}
 
 

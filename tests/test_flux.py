@@ -216,3 +216,23 @@ def test_flux_preview_status_and_profile(flux_baseline, tmp_path):
     res = cli("profile", str(npz), "--store", str(tmp_path / "q.zarr"), "--model-version",
               "tiny", check=False)
     assert res.returncode != 0 and "made with tiny-flux-dev" in res.stderr
+
+
+@pytest.mark.model
+def test_rope_tables_follow_the_resolution_whatever_the_module_cached(flux):
+    """DiffusionKit's RoPE keeps its last tables on the module, where they count as a
+    parameter: a save and restore of the MMDiT's parameters (the modulation-cache dance) leaves
+    tables of one resolution marked as another's. The engine computes its own."""
+    from mlx.utils import tree_flatten
+
+    m = flux["tiny-flux"]
+    cs, pooled = m.encode(PROMPTS[:1])
+    fresh, _ = _engine(m, latent_size=(32, 32)).run_unit(0, [0], cs[0], pooled[0])
+    rope = m.mmdit.pre_sdpa_rope
+    rope(text_sequence_length=32, latent_image_resolution=(8, 8))
+    kept = tree_flatten(m.mmdit.parameters())
+    rope(text_sequence_length=32, latent_image_resolution=(16, 16))
+    m.mmdit.load_weights(kept, strict=False)  # tables of 8x8, marked 16x16
+    assert rope.last_image_resolution == (16, 16) and rope.rope_embeddings.shape[2] == 32 + 64
+    got, _ = _engine(m, latent_size=(32, 32)).run_unit(0, [0], cs[0], pooled[0])
+    assert np.array_equal(got, fresh)

@@ -48,6 +48,23 @@ def test_auto_batch_never_plans_over_max_memory():
     assert device.resolve_batch_size(7, 13, max_memory=4.0, **kw) == 7
 
 
+def test_flux_plans_from_its_measured_footprint():
+    """FLUX.1 at 1024x1024, bfloat16: 23.8 GB of weights and 2.45 GB a trajectory (one branch,
+    no CFG rows; measured 2.43 on an H200), so a 30 GB cap holds batch 2 and 24 GB none."""
+    flux = "argmaxinc/mlx-FLUX.1-schnell"
+    per = device.trajectory_gb(flux, "bfloat16", "on", (128, 128))
+    assert 2.3 < per < 2.6
+    # the same tokens and width under CFG would cost twice: FLUX's rows are half SD3's
+    assert device.trajectory_gb(flux, "bfloat16", "on", (32, 32)) < per / 8
+    fixed = device.weights_gb(flux, "bfloat16") + device.RESERVE_GB
+    assert device.fit_batch(30.0, fixed, per, 13) == 2
+    assert device.fit_batch(48.0, fixed, per, 13) == 9  # a 64 GB Mac's working set
+    kw = dict(model=flux, dtype="bfloat16", compile="on", latent_size=(128, 128))
+    with pytest.raises(ConfigError, match=r"FLUX.1-schnell needs about 27\.\d GB at batch 1"):
+        device.resolve_batch_size(0, 13, max_memory=20.0, **kw)
+    assert device.resolve_dtype("auto", flux) in ("float32", "bfloat16")  # CPU: float32
+
+
 def test_max_memory_is_not_part_of_the_job_identity():
     a = JobConfig(prompts=("x",), batch_size=4)
     assert a.fingerprint() == a.replace(max_memory=12.0).fingerprint()
