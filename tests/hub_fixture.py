@@ -49,10 +49,25 @@ import numpy as np
 
 SD3_MEDIUM = "argmaxinc/mlx-stable-diffusion-3-medium"
 SD35_LARGE = "argmaxinc/mlx-stable-diffusion-3.5-large"
+FLUX_SCHNELL = "argmaxinc/mlx-FLUX.1-schnell"
+FLUX_DEV = "argmaxinc/mlx-FLUX.1-dev"
 TEXT_REPO = "argmaxinc/stable-diffusion"
 T5_REPO = "google/t5-v1_1-xxl"
-CHECKPOINT = {SD3_MEDIUM: "sd3_medium.safetensors", SD35_LARGE: "sd3.5_large.safetensors"}
-NAMES = {"sd3-medium": SD3_MEDIUM, "sd3.5-large": SD35_LARGE}
+SD3_KEYS = (SD3_MEDIUM, SD35_LARGE)
+FLUX_KEYS = (FLUX_SCHNELL, FLUX_DEV)
+CHECKPOINT = {
+    SD3_MEDIUM: "sd3_medium.safetensors",
+    SD35_LARGE: "sd3.5_large.safetensors",
+    FLUX_SCHNELL: "flux-schnell.safetensors",
+    FLUX_DEV: "flux1-dev.safetensors",
+}
+FLUX_AE = "ae.safetensors"  # FLUX.1's autoencoder, beside the MMDiT in each FLUX repository
+NAMES = {
+    "sd3-medium": SD3_MEDIUM,
+    "sd3.5-large": SD35_LARGE,
+    "flux-schnell": FLUX_SCHNELL,
+    "flux-dev": FLUX_DEV,
+}
 
 CLIP_BOS, CLIP_EOS = 49406, 49407  # the real ids: CLIP pools at the argmax id, which must be EOS
 
