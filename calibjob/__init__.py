@@ -1,4 +1,4 @@
-"""calibjob: resumable, sharded TaQ-DiT calibration-data generation for SD3 on MLX.
+"""calibjob: resumable, sharded TaQ-DiT calibration-data generation for SD3 and FLUX.1 on MLX.
 
 Importing the package is light (no MLX, no DiffusionKit): only processes that run a model
 import `calibjob.models`.

@@ -21,7 +21,7 @@ app = typer.Typer(
     # plain help: option names are never cut, at any width, on a terminal or in a pipe
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="Resumable, sharded TaQ-DiT calibration data for SD3 (DiffusionKit on MLX).",
+    help="Resumable, sharded TaQ-DiT calibration data for SD3 and FLUX.1 (DiffusionKit on MLX).",
 )
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -60,7 +60,7 @@ def _main_options(
         ),
     ] = False,
 ) -> None:
-    """Resumable, sharded TaQ-DiT calibration data for SD3 (DiffusionKit on MLX)."""
+    """Resumable, sharded TaQ-DiT calibration data for SD3 and FLUX.1 (DiffusionKit on MLX)."""
 
 
 def fail(msg: str, code: int = EXIT_ERROR) -> None:

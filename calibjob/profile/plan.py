@@ -2,7 +2,8 @@
 
 A calibration set's points are grouped by timestep (denoising order: largest t first), and
 within a timestep by prompt (file order within a prompt). A batch is up to `batch_size` points
-of one (timestep, prompt): one MMDiT call with a CFG batch of 2B rows, as during generation.
+of one (timestep, prompt): one MMDiT call with a batch of B rows per guidance branch (2B under
+CFG), as during generation.
 A unit is consecutive batches of one timestep holding at most `unit_points` points: its partial
 statistics are written to the store as one piece. Units depend on the set and the job alone,
 never on the shard count: shard i/n takes units i, i+n, ... (calibjob.core.shards.Shard).
