@@ -144,6 +144,48 @@ def job(args, dev: bool, cs, cp, model, build_s: float) -> dict:
     return out
 
 
+def encode_gb(tokens: int, small: bool) -> dict:
+    """FLUX.1's encode phase alone: CLIP-L and T5-XXL (DiffusionKit's classes, T5 made safe, as
+    calibjob loads them) with random bfloat16 weights, then 20 prompts encoded at `tokens` T5
+    tokens: peak memory after building (weights) and while encoding."""
+    from diffusionkit.mlx.clip import CLIPTextModel
+    from diffusionkit.mlx.config import CLIPTextModelConfig
+    from diffusionkit.mlx.t5 import SD3T5Encoder
+    from transformers import T5Config
+
+    from calibjob.models.flux import FluxText
+    from calibjob.models.text import make_t5_safe
+    from calibjob.models.tiny import ByteTokenizer, _seeded
+
+    dt = mx.float32 if small else mx.bfloat16
+    t5cfg = T5Config(  # google/t5-v1_1-xxl's encoder
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+    ) if not small else T5Config(vocab_size=512, d_model=64, d_kv=32, d_ff=128, num_layers=2,
+                                 num_heads=2, feed_forward_proj="gated-gelu")  # fmt: skip
+    clip_cfg = CLIPTextModelConfig(num_layers=12, model_dims=768, num_heads=12, vocab_size=49408,
+                                   hidden_act="quick_gelu") if not small else CLIPTextModelConfig(
+        num_layers=2, model_dims=32, num_heads=2, vocab_size=512)  # fmt: skip
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory() / 1e9
+    t5 = _seeded(lambda: SD3T5Encoder(t5cfg, low_memory_mode=False), 3, dt)
+    clip = _seeded(lambda: CLIPTextModel(clip_cfg), 4, dt)
+    text = FluxText(clip, ByteTokenizer(77, clip_style=True, pad_with_eos=True), make_t5_safe(t5),
+                    ByteTokenizer(tokens, clip_style=False), tokens)  # fmt: skip
+    weights = mx.get_active_memory() / 1e9 - base
+    mx.reset_peak_memory()
+    prompts = [f"prompt {i}: a lighthouse in a storm at dusk, oil on canvas" for i in range(20)]
+    t0 = time.perf_counter()
+    text.encode(prompts)
+    out = {"tokens": tokens, "weights_gb": weights, "encode_peak_gb": mx.get_peak_memory() / 1e9,
+           "encode_s": time.perf_counter() - t0}  # fmt: skip
+    del text, t5, clip
+    mx.clear_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="toy sizes (logic check on CPU)")
@@ -151,6 +193,8 @@ def main() -> None:
     ap.add_argument("--dev-prompts", type=int, default=3, help="dev job: prompts of 13 each")
     ap.add_argument("--mem-batches", default="1,2,4,8", help="engine peak memory at 1024x1024")
     ap.add_argument("--no-bare", action="store_true", help="skip the forward comparison")
+    ap.add_argument("--encode", action="store_true", help="also the encode phase (T5-XXL, CLIP-L)")
+    ap.add_argument("--only-mem", action="store_true", help="only the memory figures")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     con = Console(width=110)
@@ -160,6 +204,11 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(res, indent=1, default=str))
 
+    if args.encode:
+        for n in (256, 512):
+            res[f"encode_{n}"] = encode_gb(n if not args.small else 32, args.small)
+            con.print(f"encode at {n} T5 tokens: {res[f'encode_{n}']}")
+            save()
     dtype, dname = (mx.float32, "float32") if args.small else (mx.bfloat16, "bfloat16")
     config = flux_config(args.dev, args.small)
     tokens = 64 if args.small else (512 if args.dev else 256)
@@ -179,7 +228,7 @@ def main() -> None:
     compile = not args.small
     sizes = [((16, 16), 4), ((16, 16), 2)] if args.small else [((32, 32), 32), ((128, 128), 4)]
 
-    if not args.no_bare and not args.dev:
+    if not args.no_bare and not args.dev and not args.only_mem:
         for latent, b in sizes:
             key = f"{latent[0] * 8}px_b{b}"
             res[f"bare_{key}"] = bare_ms(mmdit, cs, cp, latent, b, dtype)
@@ -188,6 +237,7 @@ def main() -> None:
             con.print(f"{key}: bare {res[f'bare_{key}']:.1f} ms, engine "
                       f"{res[f'engine_{key}']:.1f} ms per sample-step")
             save()
+    if not args.dev:
         big = (16, 16) if args.small else (128, 128)
         res["mem"] = {}
         for b in [int(s) for s in args.mem_batches.split(",") if s]:
@@ -196,6 +246,8 @@ def main() -> None:
             con.print(f"engine 1024px batch {b}: {ms:.1f} ms per sample-step, peak {peak:.2f} GB")
             save()
 
+    if args.only_mem:
+        return
     res["job"] = job(args, args.dev, cs, cp, model, build_s)
     con.print(res["job"])
     save()
