@@ -236,3 +236,19 @@ def test_rope_tables_follow_the_resolution_whatever_the_module_cached(flux):
     assert rope.last_image_resolution == (16, 16) and rope.rope_embeddings.shape[2] == 32 + 64
     got, _ = _engine(m, latent_size=(32, 32)).run_unit(0, [0], cs[0], pooled[0])
     assert np.array_equal(got, fresh)
+
+
+@pytest.mark.model
+def test_a_store_made_before_guidance_scale_existed_keeps_its_identity(prompt_file, tmp_path):
+    """A record without `guidance_scale` (every store before FLUX.1) reads as 0, and the same
+    job asked again is the same job: same fingerprint, nothing differs."""
+    from calibjob.config import JobConfig
+    from calibjob.jobs.run import prepare_config
+
+    asked = prepare_config(JobConfig(model_version="tiny", prompt_file=str(prompt_file)))
+    old = asked.to_dict()
+    del old["guidance_scale"]
+    recorded = JobConfig.from_record(old)
+    assert recorded.guidance_scale == 0.0 and not recorded.differing(asked)
+    assert recorded.fingerprint() == asked.fingerprint()
+    assert "guidance_scale" not in asked.identity()  # at 0 it is left out, as before it existed

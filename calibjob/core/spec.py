@@ -51,6 +51,12 @@ class Spec:
             out[k] = v
         return cls(**out)
 
+    @classmethod
+    def from_record(cls: type[S], d: dict) -> S:
+        """A spec as a store recorded it: a field added after the store was made takes the
+        value every store had before it (`LATER`)."""
+        return cls.from_dict({**cls.LATER, **d})
+
     def replace(self: S, **changes) -> S:
         return dataclasses.replace(self, **changes)
 

@@ -161,7 +161,7 @@ class JobStore:
         if job is None:
             wanted = next(iter(jobs.values())).store_noun if len(jobs) == 1 else "calibjob"
             raise OtherJob(loc.url, meta["job"], wanted)
-        return cls(loc, root, job, job.spec_class.from_dict(meta["config"]), meta)
+        return cls(loc, root, job, job.spec_class.from_record(meta["config"]), meta)
 
     @classmethod
     def create_or_open(
