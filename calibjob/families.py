@@ -68,11 +68,11 @@ TINY = "tiny"
 TINY_FLUX = "tiny-flux"
 TINY_FLUX_DEV = "tiny-flux-dev"
 
-# SD3's text encoders (CLIP-L, CLIP-G, T5-XXL) peak at 11.89 GB in float16 (H200,
-# bench/hub_e2e.py); FLUX's (CLIP-L, T5-XXL) hold 9.78 GB of weights: the same T5 without
-# CLIP-G, plus T5's activations at 512 tokens (an estimate until measured).
+# The encode phase, text encoders loaded alone, half precision. SD3's (CLIP-L, CLIP-G, T5-XXL)
+# peak at 11.89 GB (H200, bench/hub_e2e.py); FLUX.1's (CLIP-L, T5-XXL: 9.77 GB of weights) at
+# 10.39 GB with 256 T5 tokens and 10.40 with 512 (H200, bench/flux_gpu.py --encode).
 _SD3_ENCODE_GB = 11.9
-_FLUX_ENCODE_GB = 10.5
+_FLUX_ENCODE_GB = 10.4
 # FLUX.1's MMDiT (19 joint + 38 unified blocks, hidden 3072): 11.9e9 parameters
 _FLUX_PARAMS = 11.9e9
 _FLUX_ACTIVATIONS = 1.4
