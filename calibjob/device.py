@@ -398,9 +398,13 @@ def resolve_batch_size(
         from calibjob.errors import ConfigError
 
         who = f" (a 1/{share} share of the device)" if share > 1 else ""
+        # say only what can help: --max-memory lifts the budget only where it set it
+        ways = ["raise --max-memory"] if 0 < max_memory < device_memory_gb() else []
+        ways += ["run fewer workers on this device"] if share > 1 else []
+        ways += ["use a smaller --latent-size or a machine with more memory",
+                 "or pass --batch-size to run anyway"]  # fmt: skip
         raise ConfigError(
             f"{model} needs about {fixed + per:.1f} GB at batch 1 but {budget:.1f} GB are "
-            f"available{who}; raise --max-memory, run fewer workers on this device, or use "
-            f"a machine with more memory"
+            f"available{who}; {', '.join(ways)}"
         )
     return b

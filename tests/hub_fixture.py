@@ -1,27 +1,41 @@
 """A Hugging Face hub cache of the real layout, with seeded random weights, written offline.
 
-DiffusionKit 0.5.2 fetches, for an SD3 model key, these files through `hf_hub_download` (and
-`transformers` for the T5 config and tokenizer):
+DiffusionKit 0.5.2 (and calibjob's loaders built on it) fetch, for an SD3 or FLUX.1 model key,
+these files through `hf_hub_download` (and `transformers` for the T5 config and tokenizer):
 
 - `argmaxinc/mlx-stable-diffusion-3-medium`: `sd3_medium.safetensors` (MMDiT as
   `model.diffusion_model.*` and VAE as `first_stage_model.*`, the original SD3 layout) and
   `config.json`;
 - `argmaxinc/mlx-stable-diffusion-3.5-large`: `sd3.5_large.safetensors` (same layout, qk-norm)
   and `config.json`;
-- `argmaxinc/stable-diffusion` (shared by both): `clip_l/` and `clip_g/` (`config.json`,
-  `model.fp16.safetensors` in the Hugging Face CLIP layout), `tokenizer_l/` and `tokenizer_g/`
-  (`vocab.json`, `merges.txt`), `t5/t5xxl.safetensors` (Hugging Face T5 encoder layout);
+- `argmaxinc/mlx-FLUX.1-schnell`: `flux-schnell.safetensors` (the MMDiT alone, bfloat16, in
+  Black Forest Labs' original layout: `img_in`, `txt_in`, `time_in`, `vector_in`,
+  `double_blocks.N.{img,txt}_*`, `single_blocks.N.{linear1,linear2,norm,modulation}`,
+  `final_layer`), `ae.safetensors` (the autoencoder as `encoder.*` / `decoder.*`, float32)
+  and `config.json`;
+- `argmaxinc/mlx-FLUX.1-dev`: `flux1-dev.safetensors` (the same layout plus the guidance
+  embedding `guidance_in`), `ae.safetensors` and `config.json`;
+- `argmaxinc/stable-diffusion` (shared by all): `clip_l/` and, for SD3 only, `clip_g/`
+  (`config.json`, `model.fp16.safetensors` in the Hugging Face CLIP layout), `tokenizer_l/` and
+  (SD3) `tokenizer_g/` (`vocab.json`, `merges.txt`), `t5/t5xxl.safetensors` (Hugging Face T5
+  encoder layout);
 - `google/t5-v1_1-xxl`: `config.json`, `tokenizer.json`, `tokenizer_config.json`,
-  `special_tokens_map.json`.
+  `special_tokens_map.json` (FLUX.1 pads T5 to 256 tokens for schnell, 512 for dev).
 
 This module knows every tensor of those files (name, shape, dtype) as a table, so that
 
 - a test can run the table, as lazy MLX arrays that are never evaluated, through DiffusionKit's
   own state-dict adjustments against the models' parameter trees (no gigabytes), and
-- `python tests/hub_fixture.py DIR` writes the cache for real (full size: SD3 Medium and the
-  shared text encoders about 15.5 GB, SD3.5 Large another 16.5 GB), so that the real `sd3-medium`
-  path (loaders, encoders, engine, merge, preview) runs end to end with `HF_HUB_OFFLINE=1` and
-  `HF_HUB_CACHE=DIR` on a machine that cannot reach the hub.
+- `python tests/hub_fixture.py DIR [--model KEY]...` writes the cache for real (full size: SD3
+  Medium and the shared text encoders about 15.5 GB, SD3.5 Large another 16.5 GB, each FLUX.1
+  key 23.8 GB + a 0.34 GB autoencoder beside CLIP-L and T5's 10.0 GB), so that the real
+  `sd3-medium`, `flux-schnell` or `flux-dev` path (loaders, encoders, engine, merge, preview,
+  profile) runs end to end with `HF_HUB_OFFLINE=1` and `HF_HUB_CACHE=DIR` on a machine that
+  cannot reach the hub.
+
+FLUX.1's attention has a key bias (its fused `qkv` and `linear1` biases hold one); DiffusionKit's
+MMDiT has none, and its FLUX mapping, unlike its SD3 one, does not drop it: the table keeps it,
+as the real files do (test_hub_fixture_flux.py says what that does to calibjob's loader).
 
 The weights are random (seeded by the seed and each tensor's name, so a rerun writes the same
 bytes), scaled by fan-in so that 24-38 blocks stay finite in float16. The tokenizers are small
@@ -954,9 +968,10 @@ def table(keys: Iterable[str], sizes: Sizes = FULL) -> list[tuple[str, str, int,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python tests/hub_fixture.py",
-        description="Write (or list) a Hugging Face hub cache of DiffusionKit's SD3 files with "
-        "seeded random weights of the real shapes. Point HF_HUB_CACHE at DIR and set "
-        "HF_HUB_OFFLINE=1 to run calibjob's real sd3 path on it.",
+        description="Write (or list) a Hugging Face hub cache of the files DiffusionKit fetches "
+        "for SD3 and FLUX.1 with seeded random weights of the real shapes. Point HF_HUB_CACHE "
+        "at DIR and set HF_HUB_OFFLINE=1 to run calibjob's real sd3-medium, sd3.5-large, "
+        "flux-schnell or flux-dev path on it.",
     )
     ap.add_argument(
         "cache", type=Path, nargs="?", help="the cache directory to write (HF_HUB_CACHE)"
@@ -965,7 +980,8 @@ def main(argv: list[str] | None = None) -> int:
         "--model",
         action="append",
         choices=sorted(NAMES),
-        help="model key(s) to write (default: sd3-medium); the text encoders are shared",
+        help="model(s) to write, repeatable (default: sd3-medium); the text encoders are "
+        "shared (CLIP-G only for SD3), each FLUX.1 key brings its ae.safetensors",
     )
     ap.add_argument(
         "--table", action="store_true", help="list files, tensors and sizes; write nothing"

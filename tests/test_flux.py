@@ -252,3 +252,28 @@ def test_a_store_made_before_guidance_scale_existed_keeps_its_identity(prompt_fi
     assert recorded.guidance_scale == 0.0 and not recorded.differing(asked)
     assert recorded.fingerprint() == asked.fingerprint()
     assert "guidance_scale" not in asked.identity()  # at 0 it is left out, as before it existed
+
+
+@pytest.mark.model
+def test_the_key_bias_changes_flux_attention(flux):
+    """FLUX.1's keys are RMS-normalised and rotated after their projection, so a key bias is not
+    softmax-invariant as it is in SD3: the built-in FLUX carries one (as the real checkpoints
+    do), and zeroing it changes the network's output."""
+    import mlx.core as mx
+
+    from calibjob.models.pieces import forward
+
+    m = flux["tiny-flux"]
+    attn = m.mmdit.multimodal_transformer_blocks[0].image_transformer_block.attn
+    assert attn.k_proj.bias.shape == (64,) and float(mx.abs(attn.k_proj.bias).sum()) > 0
+    cs, pooled = m.encode(PROMPTS[:1])
+    x = mx.array(np.random.default_rng(0).standard_normal((1, 16, 16, 16)).astype(np.float32))
+    args = (x, mx.expand_dims(mx.array(cs[0]), 2), mx.array(pooled[0]), mx.array([500.0]))
+    with_bias = np.array(forward(m.mmdit, *args))
+    kept = attn.k_proj.bias
+    attn.k_proj.bias = mx.zeros_like(kept)
+    try:
+        without = np.array(forward(m.mmdit, *args))
+    finally:
+        attn.k_proj.bias = kept
+    assert np.abs(with_bias - without).max() > 1e-4

@@ -119,6 +119,7 @@ def test_written_file_reads_back(tmp_path):
         hf.Tensor("a.weight", (3, 4)),
         hf.Tensor("b", (5,), "BF16"),
         hf.Tensor("n", (2,), init="ones"),
+        hf.Tensor("f.weight", (6, 8), "F32"),  # FLUX.1's ae.safetensors
     ]
     p = tmp_path / "x.safetensors"
     hf.write_safetensors(p, ts, seed=7, threads=2)
@@ -127,11 +128,15 @@ def test_written_file_reads_back(tmp_path):
         "a.weight": ((3, 4), mx.float16),
         "b": ((5,), mx.bfloat16),
         "n": ((2,), mx.float16),
+        "f.weight": ((6, 8), mx.float32),
     }
     a = np.array(got["a.weight"]).view(np.uint16).ravel()
     assert np.array_equal(a, hf.tensor_bits(ts[0], 7))
     assert np.array(got["n"]).tolist() == [1.0, 1.0]
     assert np.array(got["b"].astype(mx.float32)).std() > 0
+    f = np.array(got["f.weight"])
+    assert np.array_equal(f.ravel(), hf.tensor_data(ts[3], 7)) and 0 < np.abs(f).max() < 1
+    assert len(np.unique(f)) > 40  # random, not a fill
     # seeded by the seed and the name alone
     assert np.array_equal(hf.tensor_bits(ts[0], 7), hf.tensor_bits(ts[0], 7))
     assert not np.array_equal(hf.tensor_bits(ts[0], 7), hf.tensor_bits(ts[0], 8))

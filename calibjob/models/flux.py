@@ -12,6 +12,13 @@ DiffusionKit 0.5.2's `FluxPipeline` runs it, with one correction.
   checkpoint mapped by DiffusionKit's own `flux_state_dict_adjustments`, every tensor checked to
   fit (nothing missing, nothing left over), and the guidance term is added where calibjob
   computes the modulation inputs (`models/pieces.py`).
+- The key bias: FLUX.1's fused qkv projections carry a bias for the keys too, and DiffusionKit's
+  attention has no key bias (for SD3, without qk-norm, a key bias shifts every logit of a query
+  by the same amount and softmax ignores it, so its SD3 mapping drops it). In FLUX.1 the keys
+  are RMS-normalised and rotated after the projection, so the bias changes the attention: the
+  MMDiT here gets key projections with a bias (`with_key_bias`), loaded from the checkpoint.
+  (DiffusionKit's own `load_flux` on MLX >= 0.29 refuses the real files over these tensors;
+  older MLX dropped them silently.)
 """
 
 from __future__ import annotations
@@ -70,6 +77,19 @@ def mmdit_config(info: ModelInfo):
     return dataclasses.replace(base, low_memory_mode=False)
 
 
+def with_key_bias(mmdit: MMDiT) -> MMDiT:
+    """Every attention's key projection with a bias, as FLUX.1's qkv has (module docstring):
+    the same DiffusionKit forward, `attn.k_proj` now a biased `nn.Linear` of the same shape."""
+    blocks = [(b.image_transformer_block, b.text_transformer_block)
+              for b in mmdit.multimodal_transformer_blocks]  # fmt: skip
+    streams = [tb for pair in blocks for tb in pair]
+    streams += [b.transformer_block for b in getattr(mmdit, "unified_transformer_blocks", [])]
+    for tb in streams:
+        w = tb.attn.k_proj.weight
+        tb.attn.k_proj = nn.Linear(w.shape[1], w.shape[0], bias=True)
+    return mmdit
+
+
 def checkpoint_weights(path: str, config, quantized: bool) -> dict[str, mx.array]:
     """A FLUX.1 checkpoint's tensors under the MMDiT's names (DiffusionKit's own mapping; the
     4-bit checkpoint is stored already mapped)."""
@@ -113,8 +133,10 @@ def load_mmdit(info: ModelInfo, dtype: mx.Dtype, local_ckpt: str | None = None) 
 
         path = local_ckpt or hf_hub_download(info.key, model_io._MMDIT[info.key][info.key])
         model = MMDiT(config)
-        if quantized:
+        if quantized:  # Argmax's 4-bit file is stored from DiffusionKit's model: no key bias
             nn.quantize(model)
+        else:
+            with_key_bias(model)
         weights = checkpoint_weights(path, config, quantized)
         weights = {k: v.astype(dtype) if v.dtype != mx.uint32 else v for k, v in weights.items()}
         fit_check(model, weights, path)

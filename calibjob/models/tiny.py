@@ -141,8 +141,10 @@ def build_flux_mmdit(dtype: mx.Dtype = mx.float32, *, guidance_embed: bool = Fal
         float16_dtype=mx.bfloat16,
         low_memory_mode=False,
     )
+    from calibjob.models.flux import with_key_bias
+
     seed = WEIGHT_SEED + (6 if guidance_embed else 5)
-    return _seeded(lambda: MMDiT(config), seed, dtype)
+    return _seeded(lambda: with_key_bias(MMDiT(config)), seed, dtype)
 
 
 def build_flux_text_encoders(t5_tokens: int = T5_LEN):
