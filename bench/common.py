@@ -30,14 +30,17 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def random_mmdit(config, dtype: mx.Dtype, seed: int = 0, adaln_scale: float = 0.1):
+def random_mmdit(config, dtype: mx.Dtype, seed: int = 0, adaln_scale: float = 0.1, build=None):
     """DiffusionKit's MMDiT with random weights (its own initialisers), cast to dtype. The adaLN
-    weights are scaled down so that 24 random blocks stay finite in float16."""
+    weights are scaled down so that 24 random blocks stay finite in float16. `build(mmdit)`
+    adjusts the module before its weights are drawn (FLUX.1's key bias)."""
     from diffusionkit.mlx.mmdit import MMDiT
     from mlx.utils import tree_flatten, tree_unflatten
 
     mx.random.seed(seed)
     mmdit = MMDiT(config)
+    if build is not None:
+        mmdit = build(mmdit)
     params = [
         (k, (v * adaln_scale if "adaLN" in k else v).astype(dtype))
         for k, v in tree_flatten(mmdit.parameters())

@@ -214,7 +214,9 @@ def main() -> None:
     tokens = 64 if args.small else (512 if args.dev else 256)
     dim, pooled = config.token_level_text_embed_dim, config.pooled_text_embed_dim
     t0 = time.perf_counter()
-    mmdit = common.random_mmdit(config, dtype)
+    from calibjob.models.flux import with_key_bias
+
+    mmdit = common.random_mmdit(config, dtype, build=with_key_bias)  # as the loader builds it
     from calibjob.models.pieces import prepare
 
     prepare(mmdit)
