@@ -192,7 +192,9 @@ def test_job_specs_by_name_from_any_folder(tmp_path):
     assert res.returncode == 0, res.stderr
     assert len(open_store(store, mode="r").config.prompts) == 20  # the shipped prompts
     line = one_line(cli("run", "--job", "nope", check=False), "job spec not found: nope")
-    assert "dry-run, paper, tiny" in line
+    shipped = line.split("nor a shipped spec: ")[1].rstrip(")").split(", ")
+    assert {"dry-run", "paper", "tiny", "flux-schnell", "flux-dev", "sd3.5-large"} <= set(shipped)
+    assert shipped == sorted(shipped)
     assert "dry-run, paper, tiny" in " ".join(cli("run", "-h").stdout.split())
 
 
