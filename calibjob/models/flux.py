@@ -192,12 +192,13 @@ class Flux(Family):
     def build_text(self, info: ModelInfo) -> FluxText:
         from calibjob.models import tiny
 
-        return tiny.build_flux_text_encoders(info.t5_tokens)
+        return FluxText(*tiny.build_flux_text_parts(info.t5_tokens), info.t5_tokens)
 
     def build_mmdit(self, info: ModelInfo, dtype: mx.Dtype) -> MMDiT:
         from calibjob.models import tiny
 
-        return tiny.build_flux_mmdit(dtype, guidance_embed=info.guidance == "embedded")
+        embedded = info.guidance == "embedded"
+        return tiny.build_flux_mmdit(dtype, guidance_embed=embedded, adjust=with_key_bias)
 
 
 FAMILY = Flux()

@@ -121,8 +121,10 @@ def build_text_encoders(dtype: mx.Dtype = mx.float32) -> TextEncoders:
     )
 
 
-def build_flux_mmdit(dtype: mx.Dtype = mx.float32, *, guidance_embed: bool = False) -> MMDiT:
-    """FLUX.1's MMDiT at toy size: the schnell/dev configs' features, 64 wide."""
+def build_flux_mmdit(dtype: mx.Dtype = mx.float32, *, guidance_embed: bool = False,
+                     adjust=lambda m: m) -> MMDiT:
+    """FLUX.1's MMDiT at toy size: the schnell/dev configs' features, 64 wide. `adjust(mmdit)`
+    runs before the weights are drawn (the FLUX family gives its key projections a bias)."""
     config = MMDiTConfig(
         num_heads=2,
         depth_multimodal=2,
@@ -141,24 +143,15 @@ def build_flux_mmdit(dtype: mx.Dtype = mx.float32, *, guidance_embed: bool = Fal
         float16_dtype=mx.bfloat16,
         low_memory_mode=False,
     )
-    from calibjob.models.flux import with_key_bias
-
     seed = WEIGHT_SEED + (6 if guidance_embed else 5)
-    return _seeded(lambda: with_key_bias(MMDiT(config)), seed, dtype)
+    return _seeded(lambda: adjust(MMDiT(config)), seed, dtype)
 
 
-def build_flux_text_encoders(t5_tokens: int = T5_LEN):
-    """CLIP-L and T5 at toy size (the same weights as `tiny`'s), T5 padded to `t5_tokens`."""
-    from calibjob.models.flux import FluxText
-
+def build_flux_text_parts(t5_tokens: int = T5_LEN) -> tuple:
+    """CLIP-L with its tokenizer, and T5 with a tokenizer of `t5_tokens` (the same weights as
+    `tiny`'s), for the FLUX family to put together."""
     sd3 = build_text_encoders(mx.float32)
-    return FluxText(
-        clip_l=sd3.clip_l,
-        tokenizer_l=sd3.tokenizer_l,
-        t5=sd3.t5,
-        t5_tokenizer=ByteTokenizer(t5_tokens, clip_style=False),
-        t5_tokens=t5_tokens,
-    )
+    return sd3.clip_l, sd3.tokenizer_l, sd3.t5, ByteTokenizer(t5_tokens, clip_style=False)
 
 
 def t5_config() -> T5Config:
