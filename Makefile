@@ -32,13 +32,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  else echo "note: no OpenBLAS and no root: MLX CPU will use the slow reference BLAS"; fi; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	@# transformers (DiffusionKit's T5 config and tokenizer) ships 560 model families: their
-	@# bytecode, which pip compiles up front, is 69 MB of a 513 MB .venv. Only the library's core
-	@# and the T5 and auto modules that calibjob's path imports are compiled (see README, Install)
-	$(BIN)/pip install -q --no-compile transformers
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
-	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m compileall -q -x '/models/(?!t5/|auto/|encoder_decoder/|__init__)' \
-	  "$$($(BIN)/python -c 'import os, transformers; print(os.path.dirname(transformers.__file__))' 2>/dev/null)" >/dev/null
+	@# transformers (DiffusionKit's T5 config and tokenizer) ships 560 model families, whose
+	@# bytecode pip compiles up front: 69 MB of a 513 MB .venv. It is dropped for the families
+	@# calibjob never imports (Python compiles a module again should one ever be imported).
+	$(BIN)/python -c 'import pathlib, shutil, transformers; \
+	  used = {"t5", "auto", "encoder_decoder"}; \
+	  [shutil.rmtree(p) for p in (pathlib.Path(transformers.__file__).parent / "models").glob("*/__pycache__") if p.parent.name not in used]' 2>/dev/null
 	@# DiffusionKit pins mlx==0.17.3 (macOS-only, no CUDA) and requires torch and argmaxtools
 	@# for its PyTorch code: install it without its requirements; pyproject.toml lists what its
 	@# MLX code imports, and calibjob/diffusionkit_imports.py stands in for the rest.
