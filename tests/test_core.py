@@ -298,3 +298,26 @@ def test_the_record_holds_the_spec_and_what_was_resolved(tmp_path):
     doc = json.loads((path / "job" / "zarr.json").read_text())["attributes"]["calibjob"]
     assert doc["job"] == "fake" and doc["config"] == SPEC.to_dict()
     assert doc["fingerprint"] == SPEC.fingerprint()
+
+
+def test_the_interrupt_message_never_waits_on_a_held_lock(monkeypatch):
+    """A signal can stop the main thread inside a library holding a lock that reading the store
+    needs: the message is read in a thread with a time limit, and a line that reads nothing
+    comes out instead of a hang."""
+    import threading
+
+    from calibjob.core import interrupts
+
+    held = threading.Lock()
+    held.acquire()  # held by the 'interrupted' main thread, never released
+
+    def blocked_read(location):
+        with held:
+            return "never", False
+
+    monkeypatch.setattr(interrupts, "_store", "s.zarr")
+    monkeypatch.setattr(interrupts, "_safe_line", blocked_read)
+    line = interrupts.bounded_message(0.2)
+    assert line == "calibjob: interrupted; see `calibjob status s.zarr` for what is safe"
+    monkeypatch.setattr(interrupts, "_safe_line", lambda location: ("3 of 6 are safe", False))
+    assert interrupts.bounded_message(5).startswith("calibjob: interrupted: 3 of 6 are safe")

@@ -13,9 +13,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 EXIT_INTERRUPTED = 130
+# how long the message may take to read the store: the signal may have stopped the main thread
+# inside a library holding a lock the reading needs (Zarr's I/O loop, say), and waiting on it
+# there would hang the process instead of ending it
+MESSAGE_S = 5.0
 
 _store: str | None = None
 _safe_line: Callable[[str], tuple[str, bool]] | None = None
@@ -64,9 +69,22 @@ def _handler(signum, frame) -> None:
         _stopping = True
         raise KeyboardInterrupt
     try:
-        print(message(), file=sys.stderr, flush=True)
+        print(bounded_message(), file=sys.stderr, flush=True)
     finally:
         os._exit(EXIT_INTERRUPTED)
+
+
+def bounded_message(seconds: float = MESSAGE_S) -> str:
+    """`message()`, read in a thread and given `seconds`; else a line that reads nothing."""
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(message()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    if out:
+        return out[0]
+    if _store is None:
+        return "calibjob: interrupted"
+    return f"calibjob: interrupted; see `calibjob status {_store}` for what is safe"
 
 
 def ignore() -> None:
