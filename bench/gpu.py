@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,19 +43,56 @@ def jit_modules() -> int:
     return sum(1 for _ in d.rglob("*.txt")) if d.is_dir() else 0
 
 
+def drift(model, cfg, cs, cs_pooled, trajectories: list[int]) -> dict:
+    """Max |x - x_spec| over every recorded point of `trajectories` (100 steps) and over the
+    final latents, for the engine eager, compiled and fused (the job's batch, so the products
+    have the job's shapes), against the spec's eager batch-1 loop; and max |x_spec|."""
+    from spec_loop import spec_trajectory
+
+    from calibjob.engine import Engine
+
+    batch = [trajectories[0] + len(cfg.prompts) * j for j in range(cfg.batch_size)]
+    p = trajectories[0] % len(cfg.prompts)
+    ref = {}
+    for k in trajectories:
+        xs, _, final = spec_trajectory(
+            model, cs[p], cs_pooled[p], trajectory=k, seed=cfg.seed,
+            num_steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale,
+            latent_size=tuple(cfg.latent_size), return_final=True,
+        )  # fmt: skip
+        ref[k] = (np.asarray(xs), np.asarray(final))
+    out = {"max_abs_x_spec": float(max(np.abs(r[0]).max() for r in ref.values()))}
+    for key, flag, fused in (("eager", False, False), ("compiled", True, False),
+                             ("fused", True, True)):
+        eng = Engine(model, num_steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale,
+                     latent_size=tuple(cfg.latent_size), seed=cfg.seed, compile=flag,
+                     fused=fused)  # fmt: skip
+        xs, final = eng.run_unit(p, batch, cs[p], cs_pooled[p])
+        eng.release_prompt()
+        pts = max(float(np.abs(xs[batch.index(k)] - ref[k][0]).max()) for k in ref)
+        fin = max(float(np.abs(final[batch.index(k)] - ref[k][1]).max()) for k in ref)
+        out[key] = {"max_abs_diff_points": pts, "max_abs_diff_final": fin}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="small model and job (logic check)")
     ap.add_argument("--spec-trajectories", type=int, default=3, help="spec-loop trajectories timed")
-    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="auto: as Engine(compile=None), on a GPU")
+    ap.add_argument("--compile", choices=["auto", "on", "off", "fused"], default="auto",
+                    help="the job's compile field (auto: fused on an NVIDIA GPU)")
     ap.add_argument("--sweep", default="1,13,26", help="batch sizes for the 10-step sweep")
     ap.add_argument("--no-compare", action="store_true", help="skip the compile on/off unit")
     ap.add_argument("--only-job", action="store_true", help="the job alone (no spec, no sweep)")
+    ap.add_argument("--torch", action="store_true",
+                    help="time diffusers eager and torch.compile on the same shapes "
+                    "(bench/sd3_torch.py in a subprocess; needs torch and diffusers)")
+    ap.add_argument("--drift", action="store_true",
+                    help="each path's distance from the eager spec loop after 100 steps")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     con = Console(width=110)
-    compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
+    compile_flag = {"auto": None, "on": True, "off": False, "fused": True}[args.compile]
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "env": common.env_note()}
 
     def save() -> None:
@@ -93,8 +131,8 @@ def main() -> None:
     #    in-process through the worker and the store
     with tempfile.TemporaryDirectory(prefix="calibjob-gpu-") as tmp:
         store = Path(tmp) / "paper.zarr"
-        if compile_flag is not None:
-            cfg = cfg.replace(compile="on" if compile_flag else "off")
+        if args.compile != "auto":
+            cfg = cfg.replace(compile=args.compile)
         job_cfg = cfg
         common.prepare_store(store, job_cfg, model, cs, cs_pooled)
         res, wall = common.run_job(job_cfg, store, model)
@@ -123,13 +161,13 @@ def main() -> None:
     con.print(f"spec loop: {[round(s, 2) for s in spec]} s per trajectory (first is warm-up)")
     save()
 
-    # 3. compile off/on on one unit of the job's size (warm-up run excluded, trace cost shown)
+    # 3. eager, compiled and fused on one unit of the job's size (warm-up run excluded)
     if not args.no_compare:
-        for flag in (False, True):
+        for key, flag, fused in (("eager", False, False), ("compiled", True, False),
+                                 ("fused", True, True)):
             times, first = common.engine_unit_seconds(
-                model, cfg, cs, cs_pooled, unit, compile=flag
+                model, cfg, cs, cs_pooled, unit, compile=flag, fused=fused
             )
-            key = "compiled" if flag else "eager"
             results[f"unit_{key}_ms_per_traj_step"] = times[0] / (len(unit) * S) * 1e3
             results[f"unit_{key}_first_s"] = first
             con.print(f"unit {key}: {times[0]:.2f} s ({first:.2f} s first run)")
@@ -140,12 +178,31 @@ def main() -> None:
     for b in [int(s) for s in args.sweep.split(",") if s]:
         trajs = [len(cfg.prompts) * j for j in range(b)]
         times, _ = common.engine_unit_seconds(
-            model, cfg, cs, cs_pooled, trajs, compile=compile_flag, steps=10
+            model, cfg, cs, cs_pooled, trajs, compile=compile_flag, steps=10,
+            fused=cfg.compile == "fused",
         )
         sweep[b] = times[0] / (b * 10) * 1e3
         con.print(f"sweep batch {b}: {sweep[b]:.2f} ms per trajectory-step")
     results["sweep_ms_per_traj_step"] = sweep
     save()
+
+    # 5. how far each path's points are from the eager spec loop's (same trajectories)
+    if args.drift:
+        results["drift"] = drift(model, cfg, cs, cs_pooled, unit[:2])
+        for k, v in results["drift"].items():
+            con.print(f"drift {k}: {v}")
+        save()
+
+    # 6. diffusers on the same shapes, eager and torch.compile (another process: torch)
+    if args.torch:
+        out = Path(tempfile.mkdtemp()) / "torch.json"
+        subprocess.run([sys.executable, str(Path(__file__).parent / "sd3_torch.py"),
+                        "--no-ops", "--batches", f"{cfg.batch_size},{2 * cfg.batch_size}",
+                        "--json", str(out)], check=True)  # fmt: skip
+        results["diffusers_ms_per_traj_step"] = json.loads(out.read_text())[
+            "model_ms_per_traj_step"
+        ]
+        save()
 
     spec_ms = results["spec_ms_per_traj_step"]
     t = Table(title=f"calibjob on {mx.default_device()} ({results['date']})")
@@ -156,7 +213,7 @@ def main() -> None:
               f"mean of {max(1, len(spec) - 1)} trajectories after 1 warm-up")
     t.add_row("spec loop, paper job (extrapolated), min", f"{spec_ms * steps_total / 6e4:.2f}",
               f"x {cfg.num_fid_samples} trajectories")
-    for key in ("eager", "compiled"):
+    for key in ("eager", "compiled", "fused"):
         if f"unit_{key}_ms_per_traj_step" in results:
             t.add_row(f"engine unit of {len(unit)}, {key}, ms / traj-step",
                       f"{results[f'unit_{key}_ms_per_traj_step']:.2f}",
@@ -170,6 +227,9 @@ def main() -> None:
                   f"{DENSE_MS} ms / traj-step")
     for b, ms in sweep.items():
         t.add_row(f"engine batch {b} (10 steps), ms / traj-step", f"{ms:.2f}", "")
+    for k, ms in results.get("diffusers_ms_per_traj_step", {}).items():
+        t.add_row(f"diffusers SD3Transformer2DModel {k}, ms / traj-step", f"{ms:.2f}",
+                  f"job / this: {job_ms / ms:.2f}")
     con.print(t)
     con.print(f"{results['env']}; job trajectories done {done}; finite {finite}")
     save()

@@ -1,0 +1,173 @@
+"""Where the engine's step spends its time on a GPU: the step's matrix products and attention
+alone (MLX, beside torch's figures from `bench/sd3_torch.py --json`), and the engine's unit with
+one stage left out or changed, timed in one process (SD3-2b shapes, random float16 weights,
+589 text tokens, 256x256, CFG, compiled, 10 steps).
+
+    python bench/step_profile.py [--batch 13] [--torch-json T.json] [--json PATH]
+
+Variants of the unit: `generic` (the job's step), `fused` (q/k/v as one product per stream,
+models/fused.py), `no-attention` (the attention's output replaced by v: what attention costs),
+`no-layernorm` (layer norms as identity: what they cost), `one-graph` (the whole step as one
+compiled graph rather than one per block: what the segment boundaries cost), `eager`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import mlx.core as mx  # noqa: E402
+from sd3_torch import HEADS, TOKENS_IMG, TOKENS_TXT, WIDTH, step_products  # noqa: E402
+
+
+def mlx_ms(fn, reps: int = 20) -> float:
+    """Mean ms per call of fn() (an unevaluated MLX array), reps calls queued then evaluated,
+    after 3 warm-up calls."""
+    mx.eval([fn() for _ in range(3)])
+    mx.synchronize()
+    t0 = time.perf_counter()
+    mx.eval([fn() for _ in range(reps)])
+    mx.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def ops(batch: int) -> dict:
+    res = {}
+    for name, m, k, n, _ in step_products(batch):
+        x = mx.random.normal((m, k)).astype(mx.float16)
+        w = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
+        b = mx.random.normal((n,)).astype(mx.float16)
+        mx.eval(x, w, b)
+        res[f"{name} {m}x{k}x{n}"] = mlx_ms(lambda x=x, w=w, b=b: mx.addmm(b, x, w.T))
+    m = 2 * batch * TOKENS_IMG
+    x = mx.random.normal((m, WIDTH)).astype(mx.float16)
+    w = (mx.random.normal((3 * WIDTH, WIDTH)) * 0.02).astype(mx.float16)
+    mx.eval(x, w)
+    res[f"img q/k/v fused {m}x{WIDTH}x{3 * WIDTH}"] = mlx_ms(lambda: x @ w.T)
+    q, k, v = (
+        mx.random.normal((2 * batch, HEADS, TOKENS_IMG + TOKENS_TXT, 64)).astype(mx.float16)
+        for _ in range(3)
+    )
+    mx.eval(q, k, v)
+    res["attention"] = mlx_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125))
+    return res
+
+
+def unit_ms(model, cfg, cs, cp, batch: int, *, steps: int = 10, **engine) -> tuple[float, float]:
+    """ms per trajectory-step of one unit (min of 2 after a warm-up run) and the warm-up's s."""
+    from calibjob.engine import Engine
+
+    eng = Engine(
+        model, num_steps=steps, cfg_scale=cfg.cfg_scale, latent_size=tuple(cfg.latent_size),
+        seed=cfg.seed, **engine,
+    )  # fmt: skip
+    trajs = [len(cfg.prompts) * j for j in range(batch)]
+    t0 = time.perf_counter()
+    eng.run_unit(0, trajs, cs[0], cp[0])
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        eng.run_unit(0, trajs, cs[0], cp[0])
+        best = min(best, time.perf_counter() - t0)
+    eng.release_prompt()
+    return best / (batch * steps) * 1e3, first
+
+
+def small(args) -> None:
+    """The variants on a small float32 model (the logic, on CPU)."""
+    dtype = mx.float32
+    config = common.mmdit_config(
+        depth=2, hidden=128, heads=2, text_dim=256, pooled_dim=128, dtype=dtype
+    )
+    mmdit = common.random_mmdit(config, dtype)
+    model = common.make_model(mmdit, "float32")
+    cfg = common.job_config(dtype="float32")
+    cs, cp = common.random_conditioning(len(cfg.prompts), 77, 256, 128)
+    variants(mmdit, model, cfg, cs, cp, args)
+
+
+def variants(mmdit, model, cfg, cs, cp, args) -> dict:
+    """ms per trajectory-step of the unit under each variant (module docstring)."""
+    units = {}
+    b = args.batch
+    real_sdpa = [blk.sdpa for blk in mmdit.multimodal_transformer_blocks]
+    real_ln = mx.fast.layer_norm
+    for name in [v for v in args.variants.split(",") if v]:
+        kw = {"compile": name != "eager", "fused": name == "fused"}
+        if name == "one-graph":
+            kw["segment"] = 0
+        if name == "no-attention":
+            for blk in mmdit.multimodal_transformer_blocks:
+                blk.sdpa = lambda q, k, v, scale=None, **_: v
+        if name == "no-layernorm":
+            mx.fast.layer_norm = lambda x, weight=None, bias=None, eps=None: (
+                x if weight is None else x * weight + bias
+            )
+        try:
+            ms, first = unit_ms(model, cfg, cs, cp, b, **kw)
+        finally:
+            for blk, f in zip(mmdit.multimodal_transformer_blocks, real_sdpa, strict=True):
+                blk.sdpa = f
+            mx.fast.layer_norm = real_ln
+        units[name] = ms
+        print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s)",
+              flush=True)
+    if "generic" in units:
+        g = units["generic"]
+        for name, ms in units.items():
+            print(f"  {name:<14}{ms:7.2f}  {ms - g:+.2f} vs generic", flush=True)
+    return units
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=13)
+    ap.add_argument("--variants", default="generic,fused,no-attention,no-layernorm,one-graph")
+    ap.add_argument("--torch-json", type=Path, help="bench/sd3_torch.py's figures to set beside")
+    ap.add_argument("--small", action="store_true", help="a small model, no products (CPU check)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    res: dict = {"env": common.env_note(), "batch": args.batch}
+    if args.small:
+        return small(args)
+    peer = json.loads(args.torch_json.read_text()) if args.torch_json else {}
+
+    o = ops(args.batch)
+    res["ops_ms"] = o
+    tops = peer.get("ops_ms", {})
+    counts = {f"{n} {m}x{k}x{nn}": c for n, m, k, nn, c in step_products(args.batch)}
+    tot_mlx = tot_torch = 0.0
+    print(f"{'op':<34}{'MLX ms':>9}{'torch ms':>10}{'ratio':>7}{'per step':>10}", flush=True)
+    for k, v in o.items():
+        t = tops.get(k)
+        c = counts.get(k, 24 if k == "attention" else 0)
+        tot_mlx += v * c
+        tot_torch += (t or 0) * c
+        ratio = f"{t / v:.2f}" if t else "-"
+        print(f"{k:<34}{v:9.3f}{(t or 0):10.3f}{ratio:>7}{v * c:10.1f}", flush=True)
+    b = args.batch
+    print(f"products + attention per step: MLX {tot_mlx:.1f} ms, torch {tot_torch:.1f} ms; per "
+          f"trajectory-step MLX {tot_mlx / b:.2f}, torch {tot_torch / b:.2f}", flush=True)
+    res["ops_per_traj_step_mlx"], res["ops_per_traj_step_torch"] = tot_mlx / b, tot_torch / b
+
+    dtype = mx.float16
+    mmdit = common.random_mmdit(common.sd3_2b_config(dtype), dtype)
+    model = common.make_model(mmdit, "float16")
+    cfg = common.job_config(dtype="float16")
+    cs, cp = common.random_conditioning(len(cfg.prompts), TOKENS_TXT, 4096, 2048)
+    res["unit_ms_per_traj_step"] = variants(mmdit, model, cfg, cs, cp, args)
+    for k, v in peer.get("model_ms_per_traj_step", {}).items():
+        print(f"diffusers {k}: {v:.2f} ms per trajectory-step", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
