@@ -152,9 +152,7 @@ def spec_seconds(model, cs, cs_pooled, cfg, trajectories: list[int]) -> list[flo
     return out
 
 
-def engine_unit_seconds(
-    model, cfg, cs, cs_pooled, trajectories, *, compile, steps=None, reps=1, fused=False
-):
+def engine_unit_seconds(model, cfg, cs, cs_pooled, trajectories, *, compile, steps=None, reps=1):
     """Wall seconds of Engine.run_unit for one unit (after one untimed warm-up run, which also
     traces the compiled step), and the warm-up's own seconds."""
     from calibjob.engine import Engine
@@ -166,7 +164,6 @@ def engine_unit_seconds(
         latent_size=tuple(cfg.latent_size),
         seed=cfg.seed,
         compile=compile,
-        fused=fused,
     )
     p = trajectories[0] % len(cfg.prompts)
     t0 = time.perf_counter()

@@ -5,10 +5,11 @@ one stage left out or changed, timed in one process (SD3-2b shapes, random float
 
     python bench/step_profile.py [--batch 13] [--torch-json T.json] [--json PATH]
 
-Variants of the unit: `generic` (the job's step), `fused` (q/k/v as one product per stream,
-models/fused.py), `no-attention` (the attention's output replaced by v: what attention costs),
-`no-layernorm` (layer norms as identity: what they cost), `one-graph` (the whole step as one
-compiled graph rather than one per block: what the segment boundaries cost), `eager`.
+Variants of the unit: `generic` (the job's step), `no-attention` (the attention's output
+replaced by v: what attention costs), `no-layernorm` (layer norms as identity: what they cost),
+`one-graph` (the whole step as one compiled graph rather than one per block: what the segment
+boundaries cost), `eager`. Run with MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
+q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
     real_sdpa = [blk.sdpa for blk in mmdit.multimodal_transformer_blocks]
     real_ln = mx.fast.layer_norm
     for name in [v for v in args.variants.split(",") if v]:
-        kw = {"compile": name != "eager", "fused": name == "fused"}
+        kw = {"compile": name != "eager"}
         if name == "one-graph":
             kw["segment"] = 0
         if name == "no-attention":
@@ -129,7 +130,7 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=13)
-    ap.add_argument("--variants", default="generic,fused,no-attention,no-layernorm,one-graph")
+    ap.add_argument("--variants", default="generic,no-attention,no-layernorm,one-graph")
     ap.add_argument("--torch-json", type=Path, help="bench/sd3_torch.py's figures to set beside")
     ap.add_argument("--small", action="store_true", help="a small model, no products (CPU check)")
     ap.add_argument("--json", type=Path)

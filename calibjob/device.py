@@ -189,12 +189,6 @@ def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
 
 
-def on_cuda() -> bool:
-    """An NVIDIA GPU (MLX's CUDA backend), where the fused step path is taken."""
-    cuda = getattr(mx, "cuda", None)
-    return on_gpu() and cuda is not None and cuda.is_available()
-
-
 def warn_reference_blas() -> None:
     """Say once that CPU matmuls will be slow, and how to fix it."""
     global _warned
@@ -228,8 +222,7 @@ def mx_dtype(name: str) -> mx.Dtype:
 
 
 def resolve_compile(name: str) -> str:
-    """'auto' is 'on' (`mx.compile` the Euler step) on a GPU, 'off' on CPU ('fused', compiled
-    with q/k/v as one product per stream, models/fused.py, is a job's own choice). Measured (mlx
+    """'auto' is 'on' (`mx.compile` the Euler step) on a GPU, 'off' on CPU. Measured (mlx
     0.32.4): on an H100 the paper job takes 2.9 min compiled against 3.1 eager once MLX's
     kernel cache is warm
     (3.6 against 3.4 on a fresh machine, which JIT-compiles ~10 fused kernels once); compiled
@@ -351,9 +344,7 @@ def trajectory_gb(model: str, dtype: str, compile: str, latent_size=(32, 32)) ->
     shape, scaled linearly in model rows, tokens, width and bytes per element)."""
     info = _info(model)
     tokens = (latent_size[0] // 2) * (latent_size[1] // 2) + info.text_tokens
-    from calibjob.config import step_compiled
-
-    per = TRAJECTORY_GB["on" if step_compiled(compile) else "off"]
+    per = TRAJECTORY_GB["on" if compile == "on" else "off"]
     rows = info.branches / 2  # the reference is a CFG batch: two rows per trajectory
     scale = info.activation_scale * rows * tokens / REF_TOKENS * info.width / REF_WIDTH
     return per * scale * dtype_bytes(dtype) / 2

@@ -36,7 +36,6 @@ from collections.abc import Callable
 import numpy as np
 
 from calibjob import device
-from calibjob.config import step_compiled
 from calibjob.device import mx  # mlx.core, imported after the OpenBLAS preload
 from calibjob.models import Model
 from calibjob.models.pieces import (
@@ -71,7 +70,6 @@ class Engine:
         guidance_scale: float | None = None,
         compile: bool | None = False,
         segment: int | None = None,
-        fused: bool = False,
     ):
         self.model = model
         self.family = model.family
@@ -82,12 +80,9 @@ class Engine:
         self.latent_size = tuple(latent_size)
         self.seed = seed
         # None: the job's 'auto' (on a GPU only)
-        auto = device.resolve_compile("auto")
-        self.compile = step_compiled(auto) if compile is None else compile
+        self.compile = device.resolve_compile("auto") == "on" if compile is None else compile
         # blocks per segment (0: the whole step as one graph); see _step_fn
         self.segment = SEGMENT_BLOCKS if segment is None else segment
-        # q/k/v as one product per stream (models/fused.py): a GPU's path
-        self.fused = fused
         prepare(model.mmdit)
         sigmas, timesteps = model.schedule(num_steps)
         self.sigmas_np, self.timesteps_np = sigmas, timesteps
@@ -163,7 +158,7 @@ class Engine:
         sampler, act, cfg = model.sampler, model.activation_dtype, self.cfg_scale
         p = forward_pieces(
             model.mmdit, self._slots, rows=nb * batch, batch=batch,
-            text_len=self._cond.shape[1], latent_size=self.latent_size, fused=self.fused,
+            text_len=self._cond.shape[1], latent_size=self.latent_size,
         )  # fmt: skip
         extra = p.extra
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibjob.config import canonical_model, step_compiled
+from calibjob.config import canonical_model
 from calibjob.core.job import ArraySpec, Job, Layout, Session
 from calibjob.core.store import JobStore
 from calibjob.data import CalibSet, read_set
@@ -174,7 +174,7 @@ class ProfileSession(Session):
         j = self.job
         self.profiler = Profiler(
             self._model(), reduce_dtype=j.reduce_dtype, bins=j.hist_bins, limit=j.hist_range,
-            compile=step_compiled(j.compile), guidance_scale=self.cal.guidance_scale,
+            compile=j.compile == "on", guidance_scale=self.cal.guidance_scale,
         )  # fmt: skip
 
     def units(self) -> list[ProfileUnit]:

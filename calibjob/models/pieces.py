@@ -34,8 +34,6 @@ import numpy as np
 from diffusionkit.mlx.config import PositionalEncoding
 from diffusionkit.mlx.mmdit import RoPE, unpatchify
 
-from calibjob.models.fused import fusable, joint_block, stack_projections
-
 
 class ModulationSlot:
     """Stands in for a module's `_modulation_params` dict during a model call: any timestep key
@@ -173,12 +171,10 @@ def forward_pieces(
     batch: int,
     text_len: int,
     latent_size: tuple[int, int],
-    fused: bool = False,
 ) -> Pieces:
     """The pieces for `rows` model rows, of which `batch` share one modulation row (the
     trajectories of one prompt: the modulation parameters, one row per branch, are repeated
-    `batch` times). `slots` in `modulated_modules` order. `fused`: the joint blocks with q/k/v
-    as one product per stream (`models/fused.py`; a GPU's path), where the model allows it."""
+    `batch` times). `slots` in `modulated_modules` order."""
     config = mmdit.config
     t_key = mx.array([0.0])  # the slots ignore the key; the blocks only call .item() on it
     mx.eval(t_key)
@@ -244,15 +240,7 @@ def forward_pieces(
         )  # fmt: skip
 
     n = len(joint)
-    if fused and fusable(mmdit):
-        stacked = stack_projections(mmdit)
-        joint_fns = [
-            joint_block(joint[i], stacked[i], (slots[2 * i], slots[2 * i + 1]), rep, bool(extra))
-            for i in range(n)
-        ]
-    else:
-        joint_fns = [joint_fn(i) for i in range(n)]
-    blocks = joint_fns + [unified_fn(i) for i in range(len(unified))]
+    blocks = [joint_fn(i) for i in range(n)] + [unified_fn(i) for i in range(len(unified))]
     block_modules = [(2 * i, 2 * i + 1) for i in range(n)] + [
         (2 * n + i,) for i in range(len(unified))
     ]
@@ -264,7 +252,7 @@ def forward_pieces(
 
 def forward(
     mmdit, x_in: mx.array, cond: mx.array, pooled: mx.array, timestep: mx.array,
-    guidance: float | None = None, fused: bool = False,
+    guidance: float | None = None,
 ) -> mx.array:
     """One eager forward through the pieces, each row with its own pooled conditioning (rows
     of several prompts may share a call): x_in (R, H, W, C), cond (R, L, 1, D), pooled (R, Dp),
@@ -274,7 +262,7 @@ def forward(
     mods = modulation_params(mmdit, pooled, timestep, guidance)[0]
     p = forward_pieces(
         mmdit, slots, rows=x_in.shape[0], batch=1, text_len=cond.shape[1],
-        latent_size=(x_in.shape[1], x_in.shape[2]), fused=fused,
+        latent_size=(x_in.shape[1], x_in.shape[2]),
     )  # fmt: skip
     with slots_installed(modules, slots):
         state = p.head(x_in, cond)

@@ -65,8 +65,8 @@ class ProfileJob(Spec):
             raise ConfigError(
                 f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype}"
             )
-        if self.compile not in ("auto", "on", "off", "fused"):
-            raise ConfigError(f"compile must be auto, on, off or fused, got {self.compile!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.reduce_dtype not in ("auto", "float64", "float32"):
             raise ConfigError(
                 f"reduce dtype must be auto, float64 or float32, got {self.reduce_dtype}"
