@@ -192,13 +192,14 @@ def main() -> None:
 
     # 6. diffusers on the same shapes, eager and torch.compile (another process: torch)
     if args.torch:
-        out = Path(tempfile.mkdtemp()) / "torch.json"
-        subprocess.run([sys.executable, str(Path(__file__).parent / "sd3_torch.py"),
-                        "--no-ops", "--batches", f"{cfg.batch_size},{2 * cfg.batch_size}",
-                        "--json", str(out)], check=True)  # fmt: skip
-        results["diffusers_ms_per_traj_step"] = json.loads(out.read_text())[
-            "model_ms_per_traj_step"
-        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "torch.json"
+            subprocess.run([sys.executable, str(Path(__file__).parent / "sd3_torch.py"),
+                            "--no-ops", "--batches", f"{cfg.batch_size},{2 * cfg.batch_size}",
+                            "--json", str(out)], check=True)  # fmt: skip
+            results["diffusers_ms_per_traj_step"] = json.loads(out.read_text())[
+                "model_ms_per_traj_step"
+            ]
         save()
 
     spec_ms = results["spec_ms_per_traj_step"]
