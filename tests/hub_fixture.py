@@ -426,6 +426,24 @@ def _mid(b: str, c: int, dtype: str) -> list[Tensor]:
     return out + _resnet(b + "block_2.", c, c, dtype)
 
 
+def vae_model(part: str):
+    """DiffusionKit's VAE decoder or encoder (`part`) at its real size, as its loader builds it:
+    what a checkpoint's VAE tensors must match."""
+    from diffusionkit.mlx.config import VAEDecoderConfig, VAEEncoderConfig
+    from diffusionkit.mlx.vae import VAEDecoder, VAEEncoder
+
+    cls, cfg = (
+        (VAEDecoder, VAEDecoderConfig()) if part == "decoder" else (VAEEncoder, VAEEncoderConfig())
+    )
+    return cls(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        resnet_groups=cfg.resnet_groups,
+    )
+
+
 def vae_tensors(
     dtype: str = "F16",
     ch=(128, 256, 512, 512),

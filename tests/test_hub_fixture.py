@@ -48,19 +48,7 @@ def test_mmdit_checkpoint_matches_diffusionkit(key):
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("part", ["decoder", "encoder"])
 def test_vae_in_checkpoint_matches_diffusionkit(key, part):
-    from diffusionkit.mlx.config import VAEDecoderConfig, VAEEncoderConfig
-    from diffusionkit.mlx.vae import VAEDecoder, VAEEncoder
-
-    cls, cfg = (
-        (VAEDecoder, VAEDecoderConfig()) if part == "decoder" else (VAEEncoder, VAEEncoderConfig())
-    )
-    model = cls(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        block_out_channels=cfg.block_out_channels,
-        layers_per_block=cfg.layers_per_block,
-        resnet_groups=cfg.resnet_groups,
-    )
+    model = hf.vae_model(part)
     sd = hf.lazy_state_dict(hf.checkpoint_tensors(key))
     adjust = getattr(model_io, f"vae_{part}_state_dict_adjustments")
     assert_same_tree(adjust(sd, prefix=model_io._PREFIX[key][f"vae_{part}"]), model)

@@ -104,19 +104,7 @@ def test_dev_checkpoint_under_the_schnell_config_is_refused():
 def test_flux_ae_matches_diffusionkit(key, part):
     """`ae.safetensors` (no prefix, float32) through DiffusionKit's VAE adjustments with the
     FLUX key's prefix (`decoder.` / `encoder.`) is DiffusionKit's VAE, every parameter."""
-    from diffusionkit.mlx.config import VAEDecoderConfig, VAEEncoderConfig
-    from diffusionkit.mlx.vae import VAEDecoder, VAEEncoder
-
-    cls, cfg = (
-        (VAEDecoder, VAEDecoderConfig()) if part == "decoder" else (VAEEncoder, VAEEncoderConfig())
-    )
-    model = cls(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        block_out_channels=cfg.block_out_channels,
-        layers_per_block=cfg.layers_per_block,
-        resnet_groups=cfg.resnet_groups,
-    )
+    model = hf.vae_model(part)
     files = hf.weight_files([key])
     ae = files[(key, hf.FLUX_AE)]
     assert {t.dtype for t in ae} == {"F32"}
