@@ -92,6 +92,8 @@ def small(args) -> None:
     cfg = common.job_config(dtype="float32")
     cs, cp = common.random_conditioning(len(cfg.prompts), 77, 256, 128)
     variants(mmdit, model, cfg, cs, cp, args)
+    if args.check_steps:
+        distances(model, cfg, cs, cp, args)
 
 
 def variants(mmdit, model, cfg, cs, cp, args) -> dict:
@@ -107,6 +109,11 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
         if name == "no-attention":
             for blk in mmdit.multimodal_transformer_blocks:
                 blk.sdpa = lambda q, k, v, scale=None, **_: v
+        undo = None
+        if name == "ln-kernel":
+            from ln_modulate import install
+
+            undo = install()
         if name == "no-layernorm":
             mx.fast.layer_norm = lambda x, weight=None, bias=None, eps=None: (
                 x if weight is None else x * weight + bias
@@ -117,6 +124,8 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
             for blk, f in zip(mmdit.multimodal_transformer_blocks, real_sdpa, strict=True):
                 blk.sdpa = f
             mx.fast.layer_norm = real_ln
+            if undo is not None:
+                undo()
         units[name] = ms
         print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s)",
               flush=True)
@@ -127,12 +136,49 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
     return units
 
 
+def distances(model, cfg, cs, cp, args) -> dict:
+    """Max |x - x_eager| over every recorded point of one unit, `args.check_steps` steps, for
+    the compiled step and, where asked, the compiled step with the LN+modulate kernel."""
+    from calibjob.engine import Engine
+
+    trajs = [len(cfg.prompts) * j for j in range(args.batch)]
+
+    def run(compile: bool, kernel: bool):
+        undo = None
+        if kernel:
+            from ln_modulate import install
+
+            undo = install()
+        try:
+            eng = Engine(model, num_steps=args.check_steps, cfg_scale=cfg.cfg_scale,
+                         latent_size=tuple(cfg.latent_size), seed=cfg.seed, compile=compile)
+            xs, _ = eng.run_unit(0, trajs, cs[0], cp[0])
+            eng.release_prompt()
+            return xs
+        finally:
+            if undo is not None:
+                undo()
+
+    ref = run(False, False)
+    out = {"max_abs_x": float(abs(ref).max())}
+    kinds = [("compiled", False)] + ([("ln-kernel", True)] if "ln-kernel" in args.variants else [])
+    for key, kernel in kinds:
+        out[key] = float(abs(run(True, kernel) - ref).max())
+        print(f"{key}: max |x - x_eager| over {args.check_steps} steps: {out[key]:.3g} "
+              f"(|x| <= {out['max_abs_x']:.3g})", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=13)
     ap.add_argument("--variants", default="generic,no-attention,no-layernorm,one-graph")
     ap.add_argument("--torch-json", type=Path, help="bench/sd3_torch.py's figures to set beside")
     ap.add_argument("--small", action="store_true", help="a small model, no products (CPU check)")
+    ap.add_argument("--no-ops", action="store_true", help="skip the products timed alone")
+    ap.add_argument("--check-steps", type=int, default=0,
+                    help="after timing: each variant's max distance from the eager unit over "
+                    "this many steps (batch --batch, every recorded point)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     res: dict = {"env": common.env_note(), "batch": args.batch}
@@ -140,7 +186,7 @@ def main() -> None:
         return small(args)
     peer = json.loads(args.torch_json.read_text()) if args.torch_json else {}
 
-    o = ops(args.batch)
+    o = {} if args.no_ops else ops(args.batch)
     res["ops_ms"] = o
     tops = peer.get("ops_ms", {})
     counts = {f"{n} {m}x{k}x{nn}": c for n, m, k, nn, c in step_products(args.batch)}
@@ -158,12 +204,20 @@ def main() -> None:
           f"trajectory-step MLX {tot_mlx / b:.2f}, torch {tot_torch / b:.2f}", flush=True)
     res["ops_per_traj_step_mlx"], res["ops_per_traj_step_torch"] = tot_mlx / b, tot_torch / b
 
+    if "ln-kernel" in args.variants:
+        from ln_modulate import check
+
+        res["ln_kernel_max_rel_diff"] = check()
+        print(f"LN+modulate kernel against the two-pass path: max |diff| / max |ref| = "
+              f"{res['ln_kernel_max_rel_diff']:.3g}", flush=True)
     dtype = mx.float16
     mmdit = common.random_mmdit(common.sd3_2b_config(dtype), dtype)
     model = common.make_model(mmdit, "float16")
     cfg = common.job_config(dtype="float16")
     cs, cp = common.random_conditioning(len(cfg.prompts), TOKENS_TXT, 4096, 2048)
     res["unit_ms_per_traj_step"] = variants(mmdit, model, cfg, cs, cp, args)
+    if args.check_steps:
+        res["distance_from_eager"] = distances(model, cfg, cs, cp, args)
     for k, v in peer.get("model_ms_per_traj_step", {}).items():
         print(f"diffusers {k}: {v:.2f} ms per trajectory-step", flush=True)
     if args.json:
