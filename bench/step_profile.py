@@ -8,7 +8,9 @@ one stage left out or changed, timed in one process (SD3-2b shapes, random float
 Variants of the unit: `generic` (the job's step), `no-attention` (the attention's output
 replaced by v: what attention costs), `no-layernorm` (layer norms as identity: what they cost),
 `one-graph` (the whole step as one compiled graph rather than one per block: what the segment
-boundaries cost), `eager`. Run with MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
+boundaries cost), `eager`, `ln-kernel` (layer norm and modulation in one CUDA kernel,
+bench/ln_modulate.py: written 2026-12-03, not yet run on a GPU). Run with
+MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain.
 """
 
