@@ -152,9 +152,12 @@ def spec_seconds(model, cs, cs_pooled, cfg, trajectories: list[int]) -> list[flo
     return out
 
 
-def engine_unit_seconds(model, cfg, cs, cs_pooled, trajectories, *, compile, steps=None, reps=1):
+def engine_unit_seconds(
+    model, cfg, cs, cs_pooled, trajectories, *, compile, steps=None, reps=1, **engine
+):
     """Wall seconds of Engine.run_unit for one unit (after one untimed warm-up run, which also
-    traces the compiled step), and the warm-up's own seconds."""
+    traces the compiled step), and the warm-up's own seconds. `engine`: further Engine
+    arguments (`segment`)."""
     from calibjob.engine import Engine
 
     eng = Engine(
@@ -164,6 +167,7 @@ def engine_unit_seconds(model, cfg, cs, cs_pooled, trajectories, *, compile, ste
         latent_size=tuple(cfg.latent_size),
         seed=cfg.seed,
         compile=compile,
+        **engine,
     )
     p = trajectories[0] % len(cfg.prompts)
     t0 = time.perf_counter()

@@ -62,25 +62,14 @@ def ops(batch: int) -> dict:
     return res
 
 
-def unit_ms(model, cfg, cs, cp, batch: int, *, steps: int = 10, **engine) -> tuple[float, float]:
-    """ms per trajectory-step of one unit (min of 2 after a warm-up run) and the warm-up's s."""
-    from calibjob.engine import Engine
-
-    eng = Engine(
-        model, num_steps=steps, cfg_scale=cfg.cfg_scale, latent_size=tuple(cfg.latent_size),
-        seed=cfg.seed, **engine,
-    )  # fmt: skip
+def unit_ms(model, cfg, cs, cp, batch: int, **engine) -> tuple[float, float]:
+    """ms per trajectory-step of one unit of prompt 0 (10 steps, best of 2 after a warm-up
+    run) and the warm-up's seconds."""
     trajs = [len(cfg.prompts) * j for j in range(batch)]
-    t0 = time.perf_counter()
-    eng.run_unit(0, trajs, cs[0], cp[0])
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        eng.run_unit(0, trajs, cs[0], cp[0])
-        best = min(best, time.perf_counter() - t0)
-    eng.release_prompt()
-    return best / (batch * steps) * 1e3, first
+    times, first = common.engine_unit_seconds(
+        model, cfg, cs, cp, trajs, steps=10, reps=2, **engine
+    )
+    return min(times) / (batch * 10) * 1e3, first
 
 
 def small(args) -> None:
