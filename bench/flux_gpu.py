@@ -6,8 +6,9 @@ dev; pooled 768), no CFG. No hub access. In one run, same process, same GPU:
 
 1. the bare forward: DiffusionKit's `MMDiT.__call__` with its own modulation cache, timed per
    sample-step after a warm-up, at 256x256 batch 32 and 1024x1024 batch 4;
-2. calibjob's engine (`Engine.run_unit`, the job's compile setting) at the same batches, and its
-   peak memory (after a reset) at 1024x1024 for each batch in --mem-batches;
+2. calibjob's engine (`Engine.run_unit`, the device's default step: fused on CUDA; and the
+   generic compiled step beside it) at the same batches, and its peak memory (after a reset)
+   at 1024x1024 for each batch in --mem-batches;
 3. `jobs/flux-schnell.toml` whole (256 x 4 steps at 1024x1024, auto batch) through the runner
    and a store, timed from the model's build to the last store write;
    or with --dev: `jobs/flux-dev.toml` (50 steps, guidance 3.5) on --dev-prompts prompts,
@@ -88,13 +89,16 @@ def bare_ms(mmdit, cs, cp, latent, batch, dtype, reps=3) -> float:
     return min(times[1:]) / batch * 1e3
 
 
-def engine_ms(model, cs, cp, latent, batch, steps, guidance, compile) -> tuple[float, float]:
+def engine_ms(model, cs, cp, latent, batch, steps, guidance, compile, fused=None):
     """calibjob's engine: ms per sample-step of one unit after a warm-up unit, and the unit's
-    peak memory in GB (reset before it)."""
+    peak memory in GB (reset before it). `fused` None: the device's default step."""
+    from calibjob.device import resolve_compile
     from calibjob.engine import Engine
 
+    if fused is None:
+        fused = compile and resolve_compile("auto") == "fused"
     eng = Engine(model, num_steps=steps, cfg_scale=0.0, guidance_scale=guidance,
-                 latent_size=latent, seed=0, compile=compile)  # fmt: skip
+                 latent_size=latent, seed=0, compile=compile, fused=fused)  # fmt: skip
     trajs = list(range(batch))
     eng.run_unit(0, trajs, cs[0], cp[0])
     mx.reset_peak_memory()
@@ -236,8 +240,11 @@ def main() -> None:
             res[f"bare_{key}"] = bare_ms(mmdit, cs, cp, latent, b, dtype)
             res[f"engine_{key}"], res[f"engine_{key}_peak_gb"] = engine_ms(
                 model, cs, cp, latent, b, 4, guidance, compile)
+            res[f"engine_generic_{key}"], _ = engine_ms(
+                model, cs, cp, latent, b, 4, guidance, compile, fused=False)
             con.print(f"{key}: bare {res[f'bare_{key}']:.1f} ms, engine "
-                      f"{res[f'engine_{key}']:.1f} ms per sample-step")
+                      f"{res[f'engine_{key}']:.1f} ms per sample-step (the generic compiled "
+                      f"step: {res[f'engine_generic_{key}']:.1f})")
             save()
     if not args.dev:
         big = (16, 16) if args.small else (128, 128)

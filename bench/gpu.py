@@ -43,9 +43,13 @@ def jit_modules() -> int:
     return sum(1 for _ in d.rglob("*.txt")) if d.is_dir() else 0
 
 
+# the engine's step paths: (name, compiled, fused blocks)
+UNITS = (("eager", False, False), ("compiled", True, False), ("fused", True, True))
+
+
 def drift(model, cfg, cs, cs_pooled, trajectories: list[int]) -> dict:
     """Max |x - x_spec| over every recorded point of `trajectories` (100 steps) and over the
-    final latents, for the engine eager and compiled (the job's batch, so the products
+    final latents, for the engine eager, compiled and fused (the job's batch, so the products
     have the job's shapes), against the spec's eager batch-1 loop; and max |x_spec|."""
     from spec_loop import spec_trajectory
 
@@ -62,10 +66,10 @@ def drift(model, cfg, cs, cs_pooled, trajectories: list[int]) -> dict:
         )  # fmt: skip
         ref[k] = (np.asarray(xs), np.asarray(final))
     out = {"max_abs_x_spec": float(max(np.abs(r[0]).max() for r in ref.values()))}
-    for key, flag in (("eager", False), ("compiled", True)):
+    for key, flag, fused in UNITS:
         eng = Engine(model, num_steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale,
                      latent_size=tuple(cfg.latent_size), seed=cfg.seed,
-                     compile=flag)  # fmt: skip
+                     compile=flag, fused=fused)  # fmt: skip
         xs, final = eng.run_unit(p, batch, cs[p], cs_pooled[p])
         eng.release_prompt()
         pts = max(float(np.abs(xs[batch.index(k)] - ref[k][0]).max()) for k in ref)
@@ -78,10 +82,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="small model and job (logic check)")
     ap.add_argument("--spec-trajectories", type=int, default=3, help="spec-loop trajectories timed")
-    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="the job's compile field (auto: on, on a GPU)")
+    ap.add_argument("--compile", choices=["auto", "on", "off", "fused"], default="auto",
+                    help="the job's compile field (auto: fused on CUDA, on on Metal)")
     ap.add_argument("--sweep", default="1,13,26", help="batch sizes for the 10-step sweep")
-    ap.add_argument("--no-compare", action="store_true", help="skip the compile on/off unit")
+    ap.add_argument("--no-compare", action="store_true",
+                    help="skip the eager / compiled / fused units")
     ap.add_argument("--only-job", action="store_true", help="the job alone (no spec, no sweep)")
     ap.add_argument("--torch", action="store_true",
                     help="time diffusers eager and torch.compile on the same shapes "
@@ -91,7 +96,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     con = Console(width=110)
-    compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
+    compile_flag = {"auto": None, "on": True, "off": False, "fused": True}[args.compile]
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "env": common.env_note()}
 
     def save() -> None:
@@ -160,11 +165,11 @@ def main() -> None:
     con.print(f"spec loop: {[round(s, 2) for s in spec]} s per trajectory (first is warm-up)")
     save()
 
-    # 3. eager and compiled on one unit of the job's size (warm-up run excluded)
+    # 3. eager, compiled and fused on one unit of the job's size (warm-up run excluded)
     if not args.no_compare:
-        for key, flag in (("eager", False), ("compiled", True)):
+        for key, flag, fused in UNITS:
             times, first = common.engine_unit_seconds(
-                model, cfg, cs, cs_pooled, unit, compile=flag
+                model, cfg, cs, cs_pooled, unit, compile=flag, fused=fused
             )
             results[f"unit_{key}_ms_per_traj_step"] = times[0] / (len(unit) * S) * 1e3
             results[f"unit_{key}_first_s"] = first
@@ -176,8 +181,9 @@ def main() -> None:
     for b in [int(s) for s in args.sweep.split(",") if s]:
         trajs = [len(cfg.prompts) * j for j in range(b)]
         times, _ = common.engine_unit_seconds(
-            model, cfg, cs, cs_pooled, trajs, compile=compile_flag, steps=10
-        )
+            model, cfg, cs, cs_pooled, trajs, compile=compile_flag, steps=10,
+            **({"fused": True} if args.compile == "fused" else {}),
+        )  # fmt: skip
         sweep[b] = times[0] / (b * 10) * 1e3
         con.print(f"sweep batch {b}: {sweep[b]:.2f} ms per trajectory-step")
     results["sweep_ms_per_traj_step"] = sweep
@@ -211,13 +217,13 @@ def main() -> None:
               f"mean of {max(1, len(spec) - 1)} trajectories after 1 warm-up")
     t.add_row("spec loop, paper job (extrapolated), min", f"{spec_ms * steps_total / 6e4:.2f}",
               f"x {cfg.num_fid_samples} trajectories")
-    for key in ("eager", "compiled"):
+    for key, _, _ in UNITS:
         if f"unit_{key}_ms_per_traj_step" in results:
             t.add_row(f"engine unit of {len(unit)}, {key}, ms / traj-step",
                       f"{results[f'unit_{key}_ms_per_traj_step']:.2f}",
                       f"first run {results[f'unit_{key}_first_s']:.1f} s")
     t.add_row("calibjob job, ms / traj-step", f"{job_ms:.2f}",
-              f"batch {cfg.batch_size}, compile {args.compile}")
+              f"batch {cfg.batch_size}, compile {job_cfg.compile}")
     t.add_row("calibjob job (run_shard, store), min", f"{wall / 60:.2f}", "<= 3.0 (stretch 2.0)")
     t.add_row("ratio to the spec loop", f"{spec_ms / job_ms:.2f}x", ">= 3x")
     if not args.small:

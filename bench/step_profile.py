@@ -8,8 +8,10 @@ one stage left out or changed, timed in one process (SD3-2b shapes, random float
 Variants of the unit: `generic` (the job's step), `no-attention` (the attention's output
 replaced by v: what attention costs), `no-layernorm` (layer norms as identity: what they cost),
 `one-graph` (the whole step as one compiled graph rather than one per block: what the segment
-boundaries cost), `eager`, `ln-kernel` (layer norm and modulation in one CUDA kernel,
-bench/ln_modulate.py: written 2026-12-03, not yet run on a GPU). Run with
+boundaries cost), `eager`, `ln-kernel` (each modulated layer norm as one CUDA kernel) and
+`ln-gated` (that, with the residual update before the second norm folded in; both installed
+in DiffusionKit's block code by bench/ln_modulate.py), `fused` (the job's fused step:
+models/fused_block.py with models/cuda_ops.py's kernels). Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain.
 """
@@ -94,17 +96,17 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
     real_sdpa = [blk.sdpa for blk in mmdit.multimodal_transformer_blocks]
     real_ln = mx.fast.layer_norm
     for name in [v for v in args.variants.split(",") if v]:
-        kw = {"compile": name != "eager"}
+        kw = {"compile": name != "eager", "fused": name == "fused"}
         if name == "one-graph":
             kw["segment"] = 0
         if name == "no-attention":
             for blk in mmdit.multimodal_transformer_blocks:
                 blk.sdpa = lambda q, k, v, scale=None, **_: v
         undo = None
-        if name == "ln-kernel":
+        if name in ("ln-kernel", "ln-gated"):
             from ln_modulate import install
 
-            undo = install()
+            undo = install(gated=name == "ln-gated")
         if name == "no-layernorm":
             mx.fast.layer_norm = lambda x, weight=None, bias=None, eps=None: (
                 x if weight is None else x * weight + bias
@@ -134,15 +136,16 @@ def distances(model, cfg, cs, cp, args) -> dict:
 
     trajs = [len(cfg.prompts) * j for j in range(args.batch)]
 
-    def run(compile: bool, kernel: bool):
+    def run(compile: bool, kernel: str | None, fused: bool = False):
         undo = None
         if kernel:
             from ln_modulate import install
 
-            undo = install()
+            undo = install(gated=kernel == "ln-gated")
         try:
             eng = Engine(model, num_steps=args.check_steps, cfg_scale=cfg.cfg_scale,
-                         latent_size=tuple(cfg.latent_size), seed=cfg.seed, compile=compile)
+                         latent_size=tuple(cfg.latent_size), seed=cfg.seed, compile=compile,
+                         fused=fused)
             xs, _ = eng.run_unit(0, trajs, cs[0], cp[0])
             eng.release_prompt()
             return xs
@@ -150,11 +153,14 @@ def distances(model, cfg, cs, cp, args) -> dict:
             if undo is not None:
                 undo()
 
-    ref = run(False, False)
+    ref = run(False, None)
     out = {"max_abs_x": float(abs(ref).max())}
-    kinds = [("compiled", False)] + ([("ln-kernel", True)] if "ln-kernel" in args.variants else [])
+    asked = args.variants.split(",")
+    trials = ("ln-kernel", "ln-gated", "fused")
+    kinds = [("compiled", None)] + [(k, k) for k in trials if k in asked]
     for key, kernel in kinds:
-        out[key] = float(abs(run(True, kernel) - ref).max())
+        fused = kernel == "fused"
+        out[key] = float(abs(run(True, None if fused else kernel, fused) - ref).max())
         print(f"{key}: max |x - x_eager| over {args.check_steps} steps: {out[key]:.3g} "
               f"(|x| <= {out['max_abs_x']:.3g})", flush=True)
     return out
@@ -195,12 +201,12 @@ def main() -> None:
           f"trajectory-step MLX {tot_mlx / b:.2f}, torch {tot_torch / b:.2f}", flush=True)
     res["ops_per_traj_step_mlx"], res["ops_per_traj_step_torch"] = tot_mlx / b, tot_torch / b
 
-    if "ln-kernel" in args.variants:
-        from ln_modulate import check
+    if "ln-" in args.variants:
+        from ln_modulate import check_all
 
-        res["ln_kernel_max_rel_diff"] = check()
-        print(f"LN+modulate kernel against the two-pass path: max |diff| / max |ref| = "
-              f"{res['ln_kernel_max_rel_diff']:.3g}", flush=True)
+        res["ln_kernel_max_rel_diff"] = check_all()
+        print(f"norm kernels against the separate ops, max |diff| / max |ref|: "
+              f"{res['ln_kernel_max_rel_diff']}", flush=True)
     dtype = mx.float16
     mmdit = common.random_mmdit(common.sd3_2b_config(dtype), dtype)
     model = common.make_model(mmdit, "float16")

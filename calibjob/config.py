@@ -50,6 +50,12 @@ AUTO_FIELDS = {"dtype": "auto", "batch_size": 0, "compile": "auto"}
 LATER_FIELDS = {"guidance_scale": 0.0}
 
 
+def step_compiled(compile: str) -> bool:
+    """Whether a resolved `compile` value compiles the step ('on', or 'fused': compiled, with
+    models/fused_block.py's blocks)."""
+    return compile in ("on", "fused")
+
+
 @dataclass(frozen=True)
 class JobConfig(Spec):
     """Every parameter of a calibration job. Defaults are the paper's (TaQ-DiT, Sec. IV-A)."""
@@ -74,7 +80,10 @@ class JobConfig(Spec):
     shift: float = 3.0  # SD3's own schedule (DiffusionPipeline's class default 1.0 is not SD3's)
     batch_size: int = 0  # trajectories of one prompt per model call; 0 = choose for the device
     dtype: str = "auto"  # activation/weight dtype; auto = float32 on CPU, float16 on a GPU
-    compile: str = "auto"  # mx.compile the Euler step: on, off; auto = on on a GPU, off on CPU
+    # the Euler step: on (mx.compile), off (eager), fused (compiled, with the token passes of
+    # models/fused_block.py as single CUDA kernels); auto = fused on an NVIDIA GPU, on on Metal,
+    # off on CPU
+    compile: str = "auto"
     low_memory_mode: bool = True  # free the text encoders before denoising
     # GB the auto batch size may plan for (0 = what the device offers); it only steers the
     # auto choice, which the store then fixes, so it is not part of the job's identity
@@ -119,8 +128,8 @@ class JobConfig(Spec):
             raise ConfigError(
                 f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype}"
             )
-        if self.compile not in ("auto", "on", "off"):
-            raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.compile not in ("auto", "on", "off", "fused"):
+            raise ConfigError(f"compile must be auto, on, off or fused, got {self.compile!r}")
         if self.num_prompts < 0:
             raise ConfigError(f"--num-prompts must be 0 (all) or positive, got {self.num_prompts}")
         if self.max_memory < 0:

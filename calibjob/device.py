@@ -221,8 +221,16 @@ def mx_dtype(name: str) -> mx.Dtype:
     return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[name]
 
 
+def on_cuda() -> bool:
+    """An NVIDIA GPU (MLX's CUDA backend), where the fused step's kernels run."""
+    cuda = getattr(mx, "cuda", None)
+    return on_gpu() and cuda is not None and cuda.is_available()
+
+
 def resolve_compile(name: str) -> str:
-    """'auto' is 'on' (`mx.compile` the Euler step) on a GPU, 'off' on CPU. Measured (mlx
+    """'auto' is 'fused' on an NVIDIA GPU (compiled, with models/fused_block.py's blocks: the
+    token passes MLX cannot fuse as single CUDA kernels, see README "Performance"), 'on'
+    (`mx.compile` the Euler step) on Metal, 'off' on CPU. Measured (mlx
     0.32.4): on an H100 the paper job takes 2.9 min compiled against 3.1 eager once MLX's
     kernel cache is warm
     (3.6 against 3.4 on a fresh machine, which JIT-compiles ~10 fused kernels once); compiled
@@ -230,6 +238,8 @@ def resolve_compile(name: str) -> str:
     bit-identical to it). On CPU compiling gains nothing and costs a C++ compile."""
     if name != "auto":
         return name
+    if on_cuda():
+        return "fused"
     return "on" if on_gpu() else "off"
 
 
@@ -344,7 +354,7 @@ def trajectory_gb(model: str, dtype: str, compile: str, latent_size=(32, 32)) ->
     shape, scaled linearly in model rows, tokens, width and bytes per element)."""
     info = _info(model)
     tokens = (latent_size[0] // 2) * (latent_size[1] // 2) + info.text_tokens
-    per = TRAJECTORY_GB["on" if compile == "on" else "off"]
+    per = TRAJECTORY_GB["on" if compile in ("on", "fused") else "off"]
     rows = info.branches / 2  # the reference is a CFG batch: two rows per trajectory
     scale = info.activation_scale * rows * tokens / REF_TOKENS * info.width / REF_WIDTH
     return per * scale * dtype_bytes(dtype) / 2

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import numpy as np
 
 from calibjob import device
+from calibjob.config import step_compiled
 from calibjob.device import mx  # mlx.core, imported after the OpenBLAS preload
 from calibjob.models import Model
 from calibjob.models.pieces import (
@@ -70,6 +71,7 @@ class Engine:
         guidance_scale: float | None = None,
         compile: bool | None = False,
         segment: int | None = None,
+        fused: bool = False,
     ):
         self.model = model
         self.family = model.family
@@ -79,8 +81,11 @@ class Engine:
         self.guidance_scale = guidance_scale
         self.latent_size = tuple(latent_size)
         self.seed = seed
-        # None: the job's 'auto' (on a GPU only)
-        self.compile = device.resolve_compile("auto") == "on" if compile is None else compile
+        # None: the job's 'auto' (compiled on a GPU, fused on CUDA)
+        auto = device.resolve_compile("auto")
+        self.compile = step_compiled(auto) if compile is None else compile
+        # the blocks of models/fused_block.py (the job's compile = "fused")
+        self.fused = (auto == "fused") if compile is None else fused
         # blocks per segment (0: the whole step as one graph); see _step_fn
         self.segment = SEGMENT_BLOCKS if segment is None else segment
         prepare(model.mmdit)
@@ -158,7 +163,7 @@ class Engine:
         sampler, act, cfg = model.sampler, model.activation_dtype, self.cfg_scale
         p = forward_pieces(
             model.mmdit, self._slots, rows=nb * batch, batch=batch,
-            text_len=self._cond.shape[1], latent_size=self.latent_size,
+            text_len=self._cond.shape[1], latent_size=self.latent_size, fused=self.fused,
         )  # fmt: skip
         extra = p.extra
 

@@ -209,8 +209,10 @@ def run(
         bool | None,
         typer.Option(
             "--compile/--no-compile",
-            help="mx.compile the Euler step; default: on a GPU only. Fixed per store (on a GPU "
-            "compiled and eager steps differ in their last bits).",
+            help="mx.compile the Euler step; default: on a GPU only, and on an NVIDIA GPU the "
+            "fused step (compile = \"fused\" in a job file: the step's token passes as single "
+            "CUDA kernels). --compile alone is the generic compiled step. Fixed per store (on a "
+            "GPU the paths differ in their last bits).",
         ),
     ] = None,
     progress: ProgressOpt = None,

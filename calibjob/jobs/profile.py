@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibjob.config import canonical_model
+from calibjob.config import canonical_model, step_compiled
 from calibjob.core.job import ArraySpec, Job, Layout, Session
 from calibjob.core.store import JobStore
 from calibjob.data import CalibSet, read_set
@@ -80,7 +80,8 @@ def resolve(job: ProfileJob, cal: CalibSet, existing: ProfileJob | None) -> Prof
             reduce = "float32" if device.on_gpu() else "float64"
         job = job.replace(
             dtype=device.resolve_dtype(job.dtype, job.model_version),
-            compile=device.resolve_compile(job.compile),
+            # the profiled forward has its own taps: compiled or not, never the fused blocks
+            compile="on" if step_compiled(device.resolve_compile(job.compile)) else "off",
             reduce_dtype=reduce,
             batch_size=device.resolve_batch_size(
                 job.batch_size, largest_group(cal.ts, cal.prompt_indices, points)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibjob.checkpoints import check_local_ckpt
-from calibjob.config import JobConfig
+from calibjob.config import JobConfig, step_compiled
 from calibjob.core.job import ArraySpec, Job, Layout, Session
 from calibjob.core.progress import peak_memory_gb
 from calibjob.core.store import JobStore
@@ -198,7 +198,7 @@ class RunSession(Session):
         self.engine = Engine(
             model, num_steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale,
             guidance_scale=cfg.guidance_scale, latent_size=cfg.latent_size, seed=cfg.seed,
-            compile=cfg.compile == "on",
+            compile=step_compiled(cfg.compile), fused=cfg.compile == "fused",
         )  # fmt: skip
         if not np.array_equal(store.read_prepared("ts"), self.engine.timesteps_np):
             raise StoreError("the store's timesteps differ from this DiffusionKit's schedule")

@@ -34,6 +34,8 @@ import numpy as np
 from diffusionkit.mlx.config import PositionalEncoding
 from diffusionkit.mlx.mmdit import RoPE, unpatchify
 
+from calibjob.models import fused_block as fb
+
 
 class ModulationSlot:
     """Stands in for a module's `_modulation_params` dict during a model call: any timestep key
@@ -171,10 +173,12 @@ def forward_pieces(
     batch: int,
     text_len: int,
     latent_size: tuple[int, int],
+    fused: bool = False,
 ) -> Pieces:
     """The pieces for `rows` model rows, of which `batch` share one modulation row (the
     trajectories of one prompt: the modulation parameters, one row per branch, are repeated
-    `batch` times). `slots` in `modulated_modules` order."""
+    `batch` times). `slots` in `modulated_modules` order. `fused`: the blocks of
+    `fused_block` (the same numbers off CUDA; single kernels for the token passes on CUDA)."""
     config = mmdit.config
     t_key = mx.array([0.0])  # the slots ignore the key; the blocks only call .item() on it
     mx.eval(t_key)
@@ -194,6 +198,13 @@ def forward_pieces(
 
     def joint_fn(i: int):
         block, s_img, s_txt = joint[i], slots[2 * i], slots[2 * i + 1]
+        if fused:
+
+            def g(h, c, m_img, m_txt, *pos):
+                h, c = fb.joint_block(block, h, c, rep(m_img), rep(m_txt), pos[0] if pos else None)
+                return (h,) if c is None else (h, c)
+
+            return g
 
         def f(h, c, m_img, m_txt, *pos):
             s_img.value, s_txt.value = rep(m_img), rep(m_txt)
@@ -211,6 +222,8 @@ def forward_pieces(
         def f(*args):
             *state, m = args[: len(args) - len(extra)]
             u = mx.concatenate((state[1], state[0]), axis=1) if len(state) == 2 else state[0]
+            if fused:
+                return (fb.unified_block(block, u, rep(m), args[-1] if extra else None),)
             slot.value = rep(m)
             inter = tb.pre_sdpa(u, timestep=t_key)
             q, k = inter["q"], inter["k"]
@@ -228,9 +241,12 @@ def forward_pieces(
     def tail(*args):
         *state, m_final = args
         h = state[0][:, text_len:, ...] if unified else state[0]
-        slots[-1].value = rep(m_final)
-        out = mmdit.final_layer(h, t_key)
-        slots[-1].value = None
+        if fused:
+            out = fb.final_layer(mmdit.final_layer, h, rep(m_final))
+        else:
+            slots[-1].value = rep(m_final)
+            out = mmdit.final_layer(h, t_key)
+            slots[-1].value = None
         hh, ww = latent_size
         if config.patchify_via_reshape:
             return mmdit.x_embedder.unpack(out, (hh, ww))
@@ -252,17 +268,18 @@ def forward_pieces(
 
 def forward(
     mmdit, x_in: mx.array, cond: mx.array, pooled: mx.array, timestep: mx.array,
-    guidance: float | None = None,
+    guidance: float | None = None, fused: bool = False,
 ) -> mx.array:
     """One eager forward through the pieces, each row with its own pooled conditioning (rows
     of several prompts may share a call): x_in (R, H, W, C), cond (R, L, 1, D), pooled (R, Dp),
-    timestep (1,) -> the MMDiT's output (R, H, W, C), unevaluated."""
+    timestep (1,) -> the MMDiT's output (R, H, W, C), unevaluated. `fused`: see
+    `forward_pieces`."""
     modules = modulated_modules(mmdit)
     slots = [ModulationSlot() for _ in modules]
     mods = modulation_params(mmdit, pooled, timestep, guidance)[0]
     p = forward_pieces(
         mmdit, slots, rows=x_in.shape[0], batch=1, text_len=cond.shape[1],
-        latent_size=(x_in.shape[1], x_in.shape[2]),
+        latent_size=(x_in.shape[1], x_in.shape[2]), fused=fused,
     )  # fmt: skip
     with slots_installed(modules, slots):
         state = p.head(x_in, cond)

@@ -1,0 +1,256 @@
+"""The fused step's CUDA kernels (MLX's CUDA backend), with the plain MLX ops everywhere else.
+
+Measured on an H200 (SD3-2b shapes, fp16, batch 13, `bench/kernel_profile.py`): besides the
+matrix products and attention, the step's time went to passes over the tokens that MLX cannot
+fuse: its layer-norm kernel (70 us a call, ~1.1 TB/s), the modulation after it, the residual
+update before the second norm, the copies that join image and text q/k/v (~2 TB/s), and the
+copies that slice each adaLN parameter out of the block's modulation row. Here:
+
+- `modulated_norm`: layer_norm(x) * (1 + scale) + shift in one pass, the shift and scale read
+  straight from the block's modulation (rows, 1, 1, k*D) by chunk index;
+- `gated_modulated_norm`: r = x + y * gate, then the modulated norm of r; both returned;
+- `joint_tokens`: the two streams' q, k and v joined along the tokens in one kernel.
+
+Each rounds as the separate ops do (every op's result in the activation dtype, the norm's
+statistics in float32), so the data stays the model's arithmetic; what is left is the order of
+the norm's float32 sums, the kind of difference `mx.compile` already makes. Off CUDA (CPU,
+Metal) each function is DiffusionKit's own ops, so the fused step equals the generic one to the
+bit there and its Python is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import mlx.core as mx
+from diffusionkit.mlx.mmdit import affine_transform
+
+from calibjob.device import on_cuda
+
+_HEADER = """
+namespace calib {
+// 8 consecutive elements as float: one or two 16-byte loads where p is 16-byte aligned
+template <typename T>
+__device__ inline void load8(const T* p, float* v) {
+  constexpr int per = 16 / sizeof(T);
+  if ((reinterpret_cast<unsigned long long>(p) & 15) == 0) {
+#pragma unroll
+    for (int k = 0; k < 8 / per; ++k) {
+      uint4 u = reinterpret_cast<const uint4*>(p)[k];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int j = 0; j < per; ++j) v[k * per + j] = static_cast<float>(e[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = static_cast<float>(p[j]);
+  }
+}
+template <typename T>
+__device__ inline void store8(T* p, const T* v) {
+  constexpr int per = 16 / sizeof(T);
+  if ((reinterpret_cast<unsigned long long>(p) & 15) == 0) {
+#pragma unroll
+    for (int k = 0; k < 8 / per; ++k)
+      reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(v)[k];
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) p[j] = v[j];
+  }
+}
+__device__ inline float warp_sum(float s) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+  return s;
+}
+}  // namespace calib
+"""
+
+# One warp per token row (8 rows per block of 256 threads); lane l holds the row's chunks of 8
+# channels l, l + 32, ... in registers. Template: T, D (channels), L (tokens per model row),
+# N (token rows in all), K (chunks of the modulation row), SHIFT, SCALE (and GATE) chunk
+# indices. LOAD fills v[PER * 8] from the row (and writes the residual where there is one).
+_NORM = """
+  constexpr int PER = (D / 8 + 31) / 32;
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (row >= N) return;
+  const size_t base = (size_t)row * D;
+  const T* mrow = mods + (size_t)(row / L) * K * D;  // this model row's modulation
+  float v[PER * 8];
+#pragma unroll
+  for (int p = 0; p < PER; ++p) {
+    const int c = (p * 32 + lane) * 8;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[p * 8 + j] = 0.f;
+    if (c < D) {
+      LOAD
+    }
+  }
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < PER * 8; ++i) s += v[i];
+  const float mean = calib::warp_sum(s) / D;
+  float q = 0.f;
+#pragma unroll
+  for (int p = 0; p < PER; ++p) {
+    if ((p * 32 + lane) * 8 < D) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q += (v[p * 8 + j] - mean) * (v[p * 8 + j] - mean);
+    }
+  }
+  const float rstd = rsqrtf(calib::warp_sum(q) / D + EPS);
+#pragma unroll
+  for (int p = 0; p < PER; ++p) {
+    const int c = (p * 32 + lane) * 8;
+    if (c < D) {
+      float sc[8], sh[8];
+      calib::load8(mrow + SCALE * D + c, sc);
+      calib::load8(mrow + SHIFT * D + c, sh);
+      alignas(16) T o[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        T n = static_cast<T>((v[p * 8 + j] - mean) * rstd);
+        T g = static_cast<T>(1.f + sc[j]);
+        T m = static_cast<T>(static_cast<float>(n) * static_cast<float>(g));
+        o[j] = static_cast<T>(static_cast<float>(m) + sh[j]);
+      }
+      calib::store8(out + base + c, o);
+    }
+  }
+"""
+
+_LOAD_PLAIN = "calib::load8(x + base + c, v + p * 8);"
+
+# r = x + y * gate, each op rounded to T as the separate ops round; r is written, then normed
+_LOAD_GATED = """
+      float xv[8], yv[8], gv[8];
+      calib::load8(x + base + c, xv);
+      calib::load8(y + base + c, yv);
+      calib::load8(mrow + GATE * D + c, gv);
+      alignas(16) T r[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        T t = static_cast<T>(yv[j] * gv[j]);
+        r[j] = static_cast<T>(xv[j] + static_cast<float>(t));
+        v[p * 8 + j] = static_cast<float>(r[j]);
+      }
+      calib::store8(res + base + c, r);
+"""
+
+# q, k, v of two streams joined along the tokens: thread i copies 16 bytes of each. Template:
+# T, C (channels), L1, L2 (tokens of the first and second stream), N (threads needed).
+_JOIN = """
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  constexpr int V = 16 / sizeof(T);  // elements per 16 bytes
+  constexpr int CV = C / V;
+  const size_t row = i / ((L1 + L2) * CV);
+  const int t = (i / CV) % (L1 + L2);
+  const int c = (i % CV) * V;
+  const size_t src = t < L1 ? (row * L1 + t) * C + c : (row * L2 + (t - L1)) * C + c;
+  const size_t dst = i * V;
+  const uint4* a;
+  a = reinterpret_cast<const uint4*>((t < L1 ? q1 : q2) + src);
+  reinterpret_cast<uint4*>(q + dst)[0] = a[0];
+  a = reinterpret_cast<const uint4*>((t < L1 ? k1 : k2) + src);
+  reinterpret_cast<uint4*>(k + dst)[0] = a[0];
+  a = reinterpret_cast<const uint4*>((t < L1 ? v1 : v2) + src);
+  reinterpret_cast<uint4*>(v + dst)[0] = a[0];
+"""
+
+_kernels: dict = {}
+
+
+def _kernel(kind: str, eps: float = 0.0):
+    """The compiled kernel `kind` (norm, gated or join), one per epsilon."""
+    if (kind, eps) not in _kernels:
+        if kind == "join":
+            body, inputs, outputs = _JOIN, ["q1", "q2", "k1", "k2", "v1", "v2"], ["q", "k", "v"]
+        else:
+            body = _NORM.replace("LOAD", _LOAD_GATED if kind == "gated" else _LOAD_PLAIN)
+            body = body.replace("EPS", f"{float(eps)!r}f")
+            inputs = ["x", "y", "mods"] if kind == "gated" else ["x", "mods"]
+            outputs = ["res", "out"] if kind == "gated" else ["out"]
+        # the source's hash in the name: MLX caches compiled kernels on disk by name
+        tag = hashlib.sha1((_HEADER + body).encode()).hexdigest()[:10]
+        _kernels[(kind, eps)] = mx.fast.cuda_kernel(
+            name=f"calib_{kind}_{tag}", input_names=inputs, output_names=outputs,
+            source=body, header=_HEADER,
+        )  # fmt: skip
+    return _kernels[(kind, eps)]
+
+
+def _tokens_fit(x: mx.array) -> bool:
+    """The kernels' layout: (rows, L, 1, D) tokens of a 2-byte dtype, D a multiple of 8,
+    at most 4096 channels (a warp's registers)."""
+    return (
+        on_cuda() and x.ndim == 4 and x.shape[2] == 1 and x.shape[-1] % 8 == 0
+        and x.shape[-1] <= 4096 and x.dtype in (mx.float16, mx.bfloat16)
+    )  # fmt: skip
+
+
+def _norm(kind: str, inputs: list[mx.array], x, mods, chunks: dict, eps: float) -> list:
+    rows, tokens, d = x.shape[0], x.shape[1], x.shape[-1]
+    n = rows * tokens
+    template = [("T", x.dtype), ("D", d), ("L", tokens), ("N", n), ("K", mods.shape[-1] // d)]
+    return _kernel(kind, eps)(
+        inputs=inputs,
+        template=template + list(chunks.items()),
+        grid=((n + 7) // 8 * 256, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[x.shape] * (2 if kind == "gated" else 1),
+        output_dtypes=[x.dtype] * (2 if kind == "gated" else 1),
+    )
+
+
+def _mods_fit(x: mx.array, mods: mx.array) -> bool:
+    return mods.shape[0] == x.shape[0] and mods.size == x.shape[0] * mods.shape[-1]
+
+
+def modulated_norm(x: mx.array, mods: mx.array, k: int, shift: int, scale: int, norm) -> mx.array:
+    """DiffusionKit's `affine_transform(x, shift, scale, norm)`, shift and scale being chunks
+    `shift` and `scale` of the k chunks of `mods` (rows, 1, 1, k*D); x (rows, L, 1, D)."""
+    if not (_tokens_fit(x) and x.shape[0] > 1 and _mods_fit(x, mods)):
+        p = mx.split(mods, k, axis=-1)
+        return affine_transform(x, shift=p[shift], residual_scale=p[scale], norm_module=norm)
+    (out,) = _norm("norm", [x, mods], x, mods, {"SHIFT": shift, "SCALE": scale}, norm.eps)
+    return out
+
+
+def gated_modulated_norm(
+    x: mx.array, y: mx.array, mods: mx.array, k: int, gate: int, shift: int, scale: int, norm
+) -> tuple[mx.array, mx.array]:
+    """r = x + y * gate, and `modulated_norm(r, ...)`: a block's residual update after
+    attention and the modulated norm before its MLP, as DiffusionKit's `post_sdpa` computes
+    them. Returns (r, normed)."""
+    if not (_tokens_fit(x) and x.shape[0] > 1 and y.shape == x.shape and _mods_fit(x, mods)):
+        p = mx.split(mods, k, axis=-1)
+        r = x + y * p[gate]
+        return r, affine_transform(r, shift=p[shift], residual_scale=p[scale], norm_module=norm)
+    chunks = {"SHIFT": shift, "SCALE": scale, "GATE": gate}
+    r, out = _norm("gated", [x, y, mods], x, mods, chunks, norm.eps)
+    return r, out
+
+
+def joint_tokens(first: tuple, second: tuple) -> tuple[mx.array, mx.array, mx.array]:
+    """(q, k, v) of two streams, each (B, L, 1, C), joined along the tokens: first's, then
+    second's (`mx.concatenate(..., axis=1)` of each)."""
+    a = first[0]
+    same = all(t.shape[0] == a.shape[0] and t.shape[2:] == a.shape[2:] for t in first + second)
+    if not (_tokens_fit(a) and same and a.dtype == second[0].dtype):
+        return tuple(mx.concatenate([f, s], axis=1) for f, s in zip(first, second, strict=True))
+    b, l1, l2, c = a.shape[0], a.shape[1], second[0].shape[1], a.shape[-1]
+    n = b * (l1 + l2) * c // 8
+    shape = (b, l1 + l2, 1, c)
+    inputs = [first[0], second[0], first[1], second[1], first[2], second[2]]
+    return tuple(
+        _kernel("join")(
+            inputs=inputs,
+            template=[("T", a.dtype), ("C", c), ("L1", l1), ("L2", l2), ("N", n)],
+            grid=((n + 255) // 256 * 256, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[shape] * 3,
+            output_dtypes=[a.dtype] * 3,
+        )
+    )
