@@ -24,6 +24,13 @@ MLX_PTX_CACHE_DIR, default /tmp/mlx/VERSION/ptx), and results are deterministic 
 the spec loop at fp16 rounding (max 2.4e-3 on |x| <= 5 after 10 steps), where the eager step is
 bit-identical to it.
 
+`fused=True` (the job's `compile = "fused"`, the default on an NVIDIA GPU) runs the blocks of
+`models/fused_block.py`: the same arithmetic, with the token passes MLX cannot fuse (modulated
+layer norms, the residual before the second norm, the joined q/k/v) as single CUDA kernels;
+measured on an H200 (SD3-2b shapes, fp16, batch 13) 5.69 against 6.36 ms per trajectory-step
+compiled, and the same distance from the spec loop after 100 steps (1.87e-3 against 1.88e-3).
+Off CUDA it equals the generic step to the bit.
+
 The loop keeps one step queued ahead (`mx.async_eval`): the host builds and launches step i+1
 while the device computes step i.
 """

@@ -67,11 +67,14 @@ __device__ inline float warp_sum(float s) {
 """
 
 # One warp per token row (8 rows per block of 256 threads); lane l holds the row's chunks of 8
-# channels l, l + 32, ... in registers. Template: T, D (channels), L (tokens per model row),
-# N (token rows in all), K (chunks of the modulation row), SHIFT, SCALE (and GATE) chunk
-# indices. LOAD fills v[PER * 8] from the row (and writes the residual where there is one).
+# channels l, l + 32, ... in registers. Template: T, D (channels), K (chunks of the modulation
+# row), SHIFT, SCALE (and GATE) chunk indices; the batch and token counts are read at run time
+# from x's shape, so one compiled kernel serves every batch size (NVRTC takes seconds a kernel).
+# LOAD fills v[PER * 8] from the row (and writes the residual where there is one).
 _NORM = """
   constexpr int PER = (D / 8 + 31) / 32;
+  const int L = x_shape[1];  // tokens per model row
+  const int N = x_shape[0] * L;  // token rows in all
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (row >= N) return;
@@ -139,12 +142,13 @@ _LOAD_GATED = """
 """
 
 # q, k, v of two streams joined along the tokens: thread i copies 16 bytes of each. Template:
-# T, C (channels), L1, L2 (tokens of the first and second stream), N (threads needed).
+# T, C (channels); the batch and the two streams' token counts come from the shapes.
 _JOIN = """
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= N) return;
   constexpr int V = 16 / sizeof(T);  // elements per 16 bytes
   constexpr int CV = C / V;
+  const int L1 = q1_shape[1], L2 = q2_shape[1];
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)q1_shape[0] * (L1 + L2) * CV) return;
   const size_t row = i / ((L1 + L2) * CV);
   const int t = (i / CV) % (L1 + L2);
   const int c = (i % CV) * V;
@@ -193,7 +197,7 @@ def _tokens_fit(x: mx.array) -> bool:
 def _norm(kind: str, inputs: list[mx.array], x, mods, chunks: dict, eps: float) -> list:
     rows, tokens, d = x.shape[0], x.shape[1], x.shape[-1]
     n = rows * tokens
-    template = [("T", x.dtype), ("D", d), ("L", tokens), ("N", n), ("K", mods.shape[-1] // d)]
+    template = [("T", x.dtype), ("D", d), ("K", mods.shape[-1] // d)]
     return _kernel(kind, eps)(
         inputs=inputs,
         template=template + list(chunks.items()),
@@ -247,7 +251,7 @@ def joint_tokens(first: tuple, second: tuple) -> tuple[mx.array, mx.array, mx.ar
     return tuple(
         _kernel("join")(
             inputs=inputs,
-            template=[("T", a.dtype), ("C", c), ("L1", l1), ("L2", l2), ("N", n)],
+            template=[("T", a.dtype), ("C", c)],
             grid=((n + 255) // 256 * 256, 1, 1),
             threadgroup=(256, 1, 1),
             output_shapes=[shape] * 3,
