@@ -85,29 +85,16 @@ def mlx_step(batch: int, variant: str) -> None:
 
 def torch_step(batch: int) -> None:
     import torch
-    from diffusers import SD3Transformer2DModel
-    from sd3_torch import TOKENS_TXT, WIDTH
+    from sd3_torch import build_model, model_inputs
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = SD3Transformer2DModel(
-            num_layers=24, attention_head_dim=64, num_attention_heads=24,
-            caption_projection_dim=WIDTH, pos_embed_max_size=192,
-        ).to(torch.float16).eval()  # fmt: skip
-    fn = torch.compile(model)
-    rows = 2 * batch
-    x = torch.randn(rows, 16, 32, 32, device="cuda", dtype=torch.float16)
-    c = torch.randn(rows, TOKENS_TXT, 4096, device="cuda", dtype=torch.float16) * 0.5
-    p = torch.randn(rows, 2048, device="cuda", dtype=torch.float16)
-    t = torch.full((rows,), 500.0, device="cuda", dtype=torch.float16)
+    fn = torch.compile(build_model())
+    inputs = model_inputs(batch)
     with torch.no_grad():
         for _ in range(3):
-            fn(hidden_states=x, encoder_hidden_states=c, pooled_projections=p, timestep=t,
-               return_dict=False)  # fmt: skip
+            fn(**inputs)
         torch.cuda.synchronize()
         profiler(True)
-        fn(hidden_states=x, encoder_hidden_states=c, pooled_projections=p, timestep=t,
-           return_dict=False)  # fmt: skip
+        fn(**inputs)
         torch.cuda.synchronize()
         profiler(False)
 

@@ -76,36 +76,45 @@ def ops(batch: int) -> dict:
     return res
 
 
-def model_ms(batches: list[int], compile: bool, reps: int = 5) -> dict:
-    """ms per trajectory-step of the whole SD3Transformer2DModel forward, eager and compiled."""
+def build_model():
+    """diffusers' SD3Transformer2DModel at SD3 Medium's shapes, random float16 weights (seed 0)."""
     import torch
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = SD3Transformer2DModel(
+        return SD3Transformer2DModel(
             num_layers=24, attention_head_dim=64, num_attention_heads=24,
             caption_projection_dim=WIDTH, pos_embed_max_size=192,
         ).to(torch.float16).eval()  # fmt: skip
+
+
+def model_inputs(batch: int) -> dict:
+    """The forward's keyword arguments for `batch` trajectories (2 rows each: CFG)."""
+    import torch
+
+    rows, kw = 2 * batch, {"device": "cuda", "dtype": torch.float16}
+    return dict(hidden_states=torch.randn(rows, 16, 32, 32, **kw),
+                encoder_hidden_states=torch.randn(rows, TOKENS_TXT, 4096, **kw) * 0.5,
+                pooled_projections=torch.randn(rows, 2048, **kw),
+                timestep=torch.full((rows,), 500.0, **kw), return_dict=False)  # fmt: skip
+
+
+def model_ms(batches: list[int], compile: bool, reps: int = 5) -> dict:
+    """ms per trajectory-step of the whole SD3Transformer2DModel forward, eager and compiled."""
+    import torch
+
+    model = build_model()
     res = {}
     variants = [("eager", model)]
     if compile:
         variants.append(("torch.compile", torch.compile(model)))
     for label, fn in variants:
         for b in batches:
-            rows = 2 * b
-            x = torch.randn(rows, 16, 32, 32, device="cuda", dtype=torch.float16)
-            c = torch.randn(rows, TOKENS_TXT, 4096, device="cuda", dtype=torch.float16) * 0.5
-            p = torch.randn(rows, 2048, device="cuda", dtype=torch.float16)
-            t = torch.full((rows,), 500.0, device="cuda", dtype=torch.float16)
+            inputs = model_inputs(b)
             t0 = time.perf_counter()
             with torch.no_grad():
-                ms = cuda_ms(
-                    lambda x=x, c=c, p=p, t=t, fn=fn: fn(hidden_states=x, encoder_hidden_states=c,
-                                                  pooled_projections=p, timestep=t,
-                                                  return_dict=False),
-                    reps,
-                )  # fmt: skip
+                ms = cuda_ms(lambda inputs=inputs, fn=fn: fn(**inputs), reps)
             res[f"{label} b{b}"] = ms / b
             print(f"diffusers {label} batch {b}: {ms / b:.2f} ms per trajectory-step "
                   f"({time.perf_counter() - t0:.0f} s with warm-up)", flush=True)

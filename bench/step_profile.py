@@ -11,7 +11,8 @@ replaced by v: what attention costs), `no-layernorm` (layer norms as identity: w
 boundaries cost), `eager`, `ln-kernel` (each modulated layer norm as one CUDA kernel) and
 `ln-gated` (that, with the residual update before the second norm folded in; both installed
 in DiffusionKit's block code by bench/ln_modulate.py), `fused` (the job's fused step:
-models/fused_block.py with models/cuda_ops.py's kernels). Run with
+models/fused_block.py with models/cuda_ops.py's kernels; `fused-segN`: in segments of N
+blocks, 0 = one graph per step). Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain.
 """
@@ -96,9 +97,11 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
     real_sdpa = [blk.sdpa for blk in mmdit.multimodal_transformer_blocks]
     real_ln = mx.fast.layer_norm
     for name in [v for v in args.variants.split(",") if v]:
-        kw = {"compile": name != "eager", "fused": name == "fused"}
+        kw = {"compile": name != "eager", "fused": name.startswith("fused")}
         if name == "one-graph":
             kw["segment"] = 0
+        if name.startswith("fused-seg"):  # fused-segN: N blocks per compiled segment
+            kw["segment"] = int(name.removeprefix("fused-seg"))
         if name == "no-attention":
             for blk in mmdit.multimodal_transformer_blocks:
                 blk.sdpa = lambda q, k, v, scale=None, **_: v
