@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--no-compare", action="store_true",
                     help="skip the eager / compiled / fused units")
     ap.add_argument("--only-job", action="store_true", help="the job alone (no spec, no sweep)")
+    ap.add_argument("--warm", action="store_true",
+                    help="first a 2-step unit at each of the job's batch sizes, so that MLX's "
+                    "kernel cache is warm when the job starts (the 'warm' figures)")
     ap.add_argument("--torch", action="store_true",
                     help="time diffusers eager and torch.compile on the same shapes "
                     "(bench/sd3_torch.py in a subprocess; needs torch and diffusers)")
@@ -97,6 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     con = Console(width=110)
     compile_flag = {"auto": None, "on": True, "off": False, "fused": True}[args.compile]
+    fused_kw = {"fused": True} if args.compile == "fused" else {}
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "env": common.env_note()}
 
     def save() -> None:
@@ -129,6 +133,15 @@ def main() -> None:
     per_prompt = [k for k in range(cfg.num_fid_samples) if k % len(cfg.prompts) == 0]
     unit = per_prompt[: cfg.batch_size]
 
+    if args.warm:  # every unit size the job will run: per prompt, chunks of the batch size
+        n_p = len(cfg.prompts)
+        counts = [len(range(p, cfg.num_fid_samples, n_p)) for p in range(n_p)]
+        sizes = {n for c in counts for n in (min(c, cfg.batch_size), c % cfg.batch_size) if n}
+        for b in sorted(sizes):
+            trajs = [len(cfg.prompts) * j for j in range(b)]
+            common.engine_unit_seconds(model, cfg, cs, cs_pooled, trajs, compile=compile_flag,
+                                       steps=2, **fused_kw)  # fmt: skip
+        con.print(f"warmed: units of {sorted(sizes)}")
     jit_before = jit_modules()
     results["jit_modules_cached_at_start"] = jit_before
     # 1. the job, first in a fresh process (so MLX's kernel JIT is paid inside it, as for a user),
@@ -181,9 +194,8 @@ def main() -> None:
     for b in [int(s) for s in args.sweep.split(",") if s]:
         trajs = [len(cfg.prompts) * j for j in range(b)]
         times, _ = common.engine_unit_seconds(
-            model, cfg, cs, cs_pooled, trajs, compile=compile_flag, steps=10,
-            **({"fused": True} if args.compile == "fused" else {}),
-        )  # fmt: skip
+            model, cfg, cs, cs_pooled, trajs, compile=compile_flag, steps=10, **fused_kw
+        )
         sweep[b] = times[0] / (b * 10) * 1e3
         con.print(f"sweep batch {b}: {sweep[b]:.2f} ms per trajectory-step")
     results["sweep_ms_per_traj_step"] = sweep
