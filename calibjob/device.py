@@ -354,7 +354,9 @@ def trajectory_gb(model: str, dtype: str, compile: str, latent_size=(32, 32)) ->
     shape, scaled linearly in model rows, tokens, width and bytes per element)."""
     info = _info(model)
     tokens = (latent_size[0] // 2) * (latent_size[1] // 2) + info.text_tokens
-    per = TRAJECTORY_GB["on" if compile in ("on", "fused") else "off"]
+    from calibjob.config import step_compiled
+
+    per = TRAJECTORY_GB["on" if step_compiled(compile) else "off"]
     rows = info.branches / 2  # the reference is a CFG batch: two rows per trajectory
     scale = info.activation_scale * rows * tokens / REF_TOKENS * info.width / REF_WIDTH
     return per * scale * dtype_bytes(dtype) / 2
