@@ -104,3 +104,22 @@ def test_compile_fused_is_a_job_choice_and_cpu_stays_eager():
     JobConfig(compile="fused").validate()
     with pytest.raises(ConfigError, match="auto, on, off or fused"):
         JobConfig(compile="turbo").validate()
+
+
+def test_a_fused_job_records_its_path_and_equals_the_eager_one(baseline, prompt_file, tmp_path):
+    """`compile = "fused"` from a job file, through the CLI: the store records the path (a
+    store's shards never mix paths), and on CPU the merged file equals the eager job's to the
+    bit."""
+    from conftest import assert_same_npz, cli, job_flags
+
+    from calibjob.jobs import open_store
+
+    job = tmp_path / "fused.toml"
+    job.write_text('compile = "fused"\n')
+    store, out = tmp_path / "fused.zarr", tmp_path / "fused.npz"
+    flags = job_flags(prompt_file, **{"num-sampling-steps": 20, "num-selected-steps": 5})
+    cli("run", "--job", str(job), *flags, "--store", str(store))
+    assert open_store(store, mode="r").config.compile == "fused"
+    assert open_store(baseline[0], mode="r").config.compile == "off"  # CPU's auto
+    cli("merge", str(store), "-o", str(out))
+    assert_same_npz(out, baseline[1])
