@@ -194,28 +194,32 @@ def _tokens_fit(x: mx.array) -> bool:
     )  # fmt: skip
 
 
+def _norm_fits(x: mx.array, mods: mx.array) -> bool:
+    """The norm kernels' case: tokens that fit, more than one row (DiffusionKit normalises a
+    single row by another formula) and one modulation row per model row."""
+    return (
+        _tokens_fit(x) and x.shape[0] > 1 and mods.shape[0] == x.shape[0]
+        and mods.size == x.shape[0] * mods.shape[-1]
+    )  # fmt: skip
+
+
 def _norm(kind: str, inputs: list[mx.array], x, mods, chunks: dict, eps: float) -> list:
-    rows, tokens, d = x.shape[0], x.shape[1], x.shape[-1]
-    n = rows * tokens
-    template = [("T", x.dtype), ("D", d), ("K", mods.shape[-1] // d)]
+    d, outputs = x.shape[-1], 2 if kind == "gated" else 1
+    n = x.shape[0] * x.shape[1]  # token rows, one warp each, 8 to a block
     return _kernel(kind, eps)(
         inputs=inputs,
-        template=template + list(chunks.items()),
+        template=[("T", x.dtype), ("D", d), ("K", mods.shape[-1] // d), *chunks.items()],
         grid=((n + 7) // 8 * 256, 1, 1),
         threadgroup=(256, 1, 1),
-        output_shapes=[x.shape] * (2 if kind == "gated" else 1),
-        output_dtypes=[x.dtype] * (2 if kind == "gated" else 1),
+        output_shapes=[x.shape] * outputs,
+        output_dtypes=[x.dtype] * outputs,
     )
-
-
-def _mods_fit(x: mx.array, mods: mx.array) -> bool:
-    return mods.shape[0] == x.shape[0] and mods.size == x.shape[0] * mods.shape[-1]
 
 
 def modulated_norm(x: mx.array, mods: mx.array, k: int, shift: int, scale: int, norm) -> mx.array:
     """DiffusionKit's `affine_transform(x, shift, scale, norm)`, shift and scale being chunks
     `shift` and `scale` of the k chunks of `mods` (rows, 1, 1, k*D); x (rows, L, 1, D)."""
-    if not (_tokens_fit(x) and x.shape[0] > 1 and _mods_fit(x, mods)):
+    if not _norm_fits(x, mods):
         p = mx.split(mods, k, axis=-1)
         return affine_transform(x, shift=p[shift], residual_scale=p[scale], norm_module=norm)
     (out,) = _norm("norm", [x, mods], x, mods, {"SHIFT": shift, "SCALE": scale}, norm.eps)
@@ -228,7 +232,7 @@ def gated_modulated_norm(
     """r = x + y * gate, and `modulated_norm(r, ...)`: a block's residual update after
     attention and the modulated norm before its MLP, as DiffusionKit's `post_sdpa` computes
     them. Returns (r, normed)."""
-    if not (_tokens_fit(x) and x.shape[0] > 1 and y.shape == x.shape and _mods_fit(x, mods)):
+    if not (_norm_fits(x, mods) and y.shape == x.shape):
         p = mx.split(mods, k, axis=-1)
         r = x + y * p[gate]
         return r, affine_transform(r, shift=p[shift], residual_scale=p[scale], norm_module=norm)
