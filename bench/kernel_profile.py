@@ -11,8 +11,7 @@ others (each kernel replayed alone: its own duration, without the gaps between k
     python bench/kernel_profile.py --summary mlx.csv torch.csv [--batch 13]
 
 SD3-2b shapes, random float16 weights, 589 text tokens, 256x256, CFG, batch 13 (26 rows).
-`--variant` picks the engine's step: `generic`, `ln-kernel` / `ln-gated` (bench/ln_modulate.py)
-or `fused` (the job's fused step).
+`--variant` picks the engine's step: `generic` or `fused` (the job's fused step).
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CATEGORIES = [
     ("attention", r"sdpa|fmha|flash|attention|attn"),
     ("matrix product", r"nvjet|gemm|cutlass|xmma|cublas|s\d+gemm|_mm_"),
-    ("layer norm", r"layer_?norm|layernorm|ln_modulate|red_fused"),
-    ("copy / concat", r"copy|concat|cat_|\bcat\b"),
+    ("layer norm", r"layer_?norm|layernorm|calib_norm|calib_gated"),
+    ("copy / concat", r"copy|concat|cat_|\bcat\b|calib_join"),
 ]
 
 
@@ -67,10 +66,6 @@ def mlx_step(batch: int, variant: str) -> None:
     model = common.make_model(mmdit, "float16")
     cfg = common.job_config(dtype="float16")
     cs, cp = common.random_conditioning(len(cfg.prompts), TOKENS_TXT, 4096, 2048)
-    if variant in ("ln-kernel", "ln-gated"):
-        from ln_modulate import install
-
-        install(gated=variant == "ln-gated")
     eng = Engine(model, num_steps=1, cfg_scale=cfg.cfg_scale, latent_size=tuple(cfg.latent_size),
                  seed=cfg.seed, compile=True, fused=variant == "fused")  # fmt: skip
     trajs = [len(cfg.prompts) * j for j in range(batch)]
@@ -152,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mlx", action="store_true", help="one engine step (run under ncu)")
     ap.add_argument("--torch", action="store_true", help="one torch.compile forward (under ncu)")
-    ap.add_argument("--variant", default="generic", help="generic, ln-kernel, ln-gated or fused")
+    ap.add_argument("--variant", default="generic", help="generic or fused")
     ap.add_argument("--batch", type=int, default=13)
     ap.add_argument("--summary", nargs="+", type=Path, help="summarise ncu --csv files")
     ap.add_argument("--top", type=int, default=25)

@@ -8,9 +8,7 @@ one stage left out or changed, timed in one process (SD3-2b shapes, random float
 Variants of the unit: `generic` (the job's step), `no-attention` (the attention's output
 replaced by v: what attention costs), `no-layernorm` (layer norms as identity: what they cost),
 `one-graph` (the whole step as one compiled graph rather than one per block: what the segment
-boundaries cost), `eager`, `ln-kernel` (each modulated layer norm as one CUDA kernel) and
-`ln-gated` (that, with the residual update before the second norm folded in; both installed
-in DiffusionKit's block code by bench/ln_modulate.py), `fused` (the job's fused step:
+boundaries cost), `eager`, `fused` (the job's fused step:
 models/fused_block.py with models/cuda_ops.py's kernels; `fused-segN`: in segments of N
 blocks, 0 = one graph per step). Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
@@ -105,11 +103,6 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
         if name == "no-attention":
             for blk in mmdit.multimodal_transformer_blocks:
                 blk.sdpa = lambda q, k, v, scale=None, **_: v
-        undo = None
-        if name in ("ln-kernel", "ln-gated"):
-            from ln_modulate import install
-
-            undo = install(gated=name == "ln-gated")
         if name == "no-layernorm":
             mx.fast.layer_norm = lambda x, weight=None, bias=None, eps=None: (
                 x if weight is None else x * weight + bias
@@ -120,8 +113,6 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
             for blk, f in zip(mmdit.multimodal_transformer_blocks, real_sdpa, strict=True):
                 blk.sdpa = f
             mx.fast.layer_norm = real_ln
-            if undo is not None:
-                undo()
         units[name] = ms
         print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s)",
               flush=True)
@@ -134,36 +125,24 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
 
 def distances(model, cfg, cs, cp, args) -> dict:
     """Max |x - x_eager| over every recorded point of one unit, `args.check_steps` steps, for
-    the compiled step and, where asked, the compiled step with the LN+modulate kernel."""
+    the compiled step and, where asked, the fused one."""
     from calibjob.engine import Engine
 
     trajs = [len(cfg.prompts) * j for j in range(args.batch)]
 
-    def run(compile: bool, kernel: str | None, fused: bool = False):
-        undo = None
-        if kernel:
-            from ln_modulate import install
+    def run(compile: bool, fused: bool = False):
+        eng = Engine(model, num_steps=args.check_steps, cfg_scale=cfg.cfg_scale,
+                     latent_size=tuple(cfg.latent_size), seed=cfg.seed, compile=compile,
+                     fused=fused)  # fmt: skip
+        xs, _ = eng.run_unit(0, trajs, cs[0], cp[0])
+        eng.release_prompt()
+        return xs
 
-            undo = install(gated=kernel == "ln-gated")
-        try:
-            eng = Engine(model, num_steps=args.check_steps, cfg_scale=cfg.cfg_scale,
-                         latent_size=tuple(cfg.latent_size), seed=cfg.seed, compile=compile,
-                         fused=fused)
-            xs, _ = eng.run_unit(0, trajs, cs[0], cp[0])
-            eng.release_prompt()
-            return xs
-        finally:
-            if undo is not None:
-                undo()
-
-    ref = run(False, None)
+    ref = run(False)
     out = {"max_abs_x": float(abs(ref).max())}
-    asked = args.variants.split(",")
-    trials = ("ln-kernel", "ln-gated", "fused")
-    kinds = [("compiled", None)] + [(k, k) for k in trials if k in asked]
-    for key, kernel in kinds:
-        fused = kernel == "fused"
-        out[key] = float(abs(run(True, None if fused else kernel, fused) - ref).max())
+    kinds = [("compiled", False)] + ([("fused", True)] if "fused" in args.variants else [])
+    for key, fused in kinds:
+        out[key] = float(abs(run(True, fused) - ref).max())
         print(f"{key}: max |x - x_eager| over {args.check_steps} steps: {out[key]:.3g} "
               f"(|x| <= {out['max_abs_x']:.3g})", flush=True)
     return out
@@ -204,12 +183,12 @@ def main() -> None:
           f"trajectory-step MLX {tot_mlx / b:.2f}, torch {tot_torch / b:.2f}", flush=True)
     res["ops_per_traj_step_mlx"], res["ops_per_traj_step_torch"] = tot_mlx / b, tot_torch / b
 
-    if "ln-" in args.variants:
-        from ln_modulate import check_all
+    if "fused" in args.variants:
+        from cuda_ops_check import check_all
 
-        res["ln_kernel_max_rel_diff"] = check_all()
-        print(f"norm kernels against the separate ops, max |diff| / max |ref|: "
-              f"{res['ln_kernel_max_rel_diff']}", flush=True)
+        res["kernels_max_rel_diff"] = check_all()
+        print(f"fused kernels against the separate ops, max |diff| / max |ref|: "
+              f"{res['kernels_max_rel_diff']}", flush=True)
     dtype = mx.float16
     mmdit = common.random_mmdit(common.sd3_2b_config(dtype), dtype)
     model = common.make_model(mmdit, "float16")

@@ -1,0 +1,55 @@
+"""The fused step's CUDA kernels (`calibjob/models/cuda_ops.py`) against the separate MLX ops
+they stand for, at SD3-2b's width in float16 and FLUX.1's in bfloat16 (CUDA only; off CUDA the
+functions are those ops, and every difference is 0).
+
+    python bench/cuda_ops_check.py
+
+`bench/step_profile.py` prints the same check before its `fused` variant.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from calibjob.models.cuda_ops import gated_modulated_norm, joint_tokens, modulated_norm
+
+
+def check_all() -> dict:
+    """`check` at SD3-2b's shapes in float16 and FLUX.1's width in bfloat16."""
+    return {"sd3 float16": check(), "flux bfloat16": check(8, 4352, 3072, dtype=mx.bfloat16)}
+
+
+def check(rows: int = 26, tokens: int = 845, d: int = 1536, eps: float = 1e-6,
+          dtype=mx.float16) -> dict:  # fmt: skip
+    """Max |kernel - separate ops| in units of the output's largest magnitude, for each kernel
+    of cuda_ops (the join must be exact)."""
+    from diffusionkit.mlx.mmdit import LayerNorm
+
+    norm = LayerNorm(d, eps=eps)
+    mx.random.seed(3)
+    x = mx.random.normal((rows, tokens, 1, d)).astype(dtype) * 3 + 1
+    y = mx.random.normal((rows, tokens, 1, d)).astype(dtype)
+    mods = (mx.random.normal((rows, 1, 1, 6 * d)) * 0.2).astype(dtype)
+    g, sh, sc = (mods[..., i * d : (i + 1) * d] for i in (2, 3, 4))
+
+    def rel(a, b):
+        a, b = a.astype(mx.float32), b.astype(mx.float32)
+        return (mx.abs(a - b).max() / mx.abs(b).max()).item()
+
+    ref = mx.fast.layer_norm(x, None, None, eps) * (1.0 + sc) + sh
+    r_ref = x + y * g
+    m_ref = mx.fast.layer_norm(r_ref, None, None, eps) * (1.0 + sc) + sh
+    r, m = gated_modulated_norm(x, y, mods, 6, 2, 3, 4, norm)
+    a = [mx.random.normal((rows, n, 1, d)).astype(dtype) for n in (256, 589) for _ in "qkv"]
+    joined = joint_tokens(tuple(a[:3]), tuple(a[3:]))
+    join = max(rel(j, mx.concatenate([a[i], a[3 + i]], axis=1)) for i, j in enumerate(joined))
+    return {"modulated_norm": rel(modulated_norm(x, mods, 6, 3, 4, norm), ref),
+            "gated_residual": rel(r, r_ref), "gated_modulated_norm": rel(m, m_ref),
+            "joint_tokens": join}  # fmt: skip
+
+
+if __name__ == "__main__":
+    import calibjob.diffusionkit_imports  # noqa: F401  (DiffusionKit without torch)
+
+    for shape, diffs in check_all().items():
+        print(f"{shape}: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
