@@ -3,7 +3,8 @@ NVIDIA GPU, against DiffusionKit's own blocks on every kind of block calibjob ru
 (learned positions, image first), qk-norm (SD3.5), FLUX.1 (RoPE, text first, key bias, unified
 blocks) and FLUX.1-dev (guidance embedding). Off CUDA its token passes are DiffusionKit's own
 ops, so on CPU float32 the two paths agree to the bit; on CUDA the kernels are checked by
-bench/step_profile.py (kernel against ops, and 100 steps against the eager spec loop)."""
+bench/cuda_ops_check.py (against the ops) and bench/gpu.py --drift (100 steps against the eager
+spec loop)."""
 
 from __future__ import annotations
 
