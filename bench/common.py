@@ -4,6 +4,7 @@ through `calibjob.worker.run_shard` with that model standing in for `models.load
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -111,23 +112,51 @@ def prepare_store(path: Path, cfg, model, cs: np.ndarray, cs_pooled: np.ndarray)
     store.write_prepared(arrays, row_chunked={"cs", "cs_pooled"})
 
 
-def run_job(cfg, store_path: Path, model):
+def run_job(cfg, store_path: Path, model, units: list | None = None):
     """The full `calibjob run` of cfg in this process (calibjob.core.runner, shard 0/1,
     store writes, markers and progress records), with `model` as the loaded model; whether the
-    step is compiled is the job's `compile` field."""
+    step is compiled is the job's `compile` field. `units`, if given, receives (start, end,
+    trajectories) per unit, seconds from the job's start: where the job's time outside the
+    model's steps goes."""
     from calibjob import models
     from calibjob.core.runner import run_shards
     from calibjob.core.shards import ALL
+    from calibjob.engine import Engine
     from calibjob.jobs.run import RUN
 
-    real_load = models.load
+    real_load, real_unit = models.load, Engine.run_unit
+    t0 = time.perf_counter()
+
+    def timed_unit(self, prompt, trajectories, *a, **k):
+        start = time.perf_counter() - t0
+        out = real_unit(self, prompt, trajectories, *a, **k)
+        if units is not None:
+            units.append((start, time.perf_counter() - t0, len(trajectories)))
+        return out
+
     models.load = lambda *a, **k: model
+    Engine.run_unit = timed_unit
     try:
         t0 = time.perf_counter()
         res = run_shards(RUN, cfg, str(store_path), [ALL], show_progress=False)
         return res, time.perf_counter() - t0
     finally:
-        models.load = real_load
+        models.load, Engine.run_unit = real_load, real_unit
+
+
+def unit_summary(units: list, wall: float, steps: int) -> dict:
+    """The job's units against its wall time: the first unit (traces, kernel loads), the
+    median ms per trajectory-step of the rest, and the seconds outside any unit."""
+    per = [(e - s) / (b * steps) * 1e3 for s, e, b in units]
+    inside = sum(e - s for s, e, _ in units)
+    return {
+        "units": len(units),
+        "first_unit_s": units[0][1] - units[0][0] if units else 0.0,
+        "unit_ms_per_traj_step_median": float(np.median(per[1:] or per or [0.0])),
+        "unit_ms_per_traj_step_max": float(max(per[1:] or per or [0.0])),
+        "seconds_in_units": inside,
+        "seconds_outside_units": wall - inside,
+    }
 
 
 def spec_seconds(model, cs, cs_pooled, cfg, trajectories: list[int]) -> list[float]:
@@ -153,11 +182,12 @@ def spec_seconds(model, cs, cs_pooled, cfg, trajectories: list[int]) -> list[flo
 
 
 def engine_unit_seconds(
-    model, cfg, cs, cs_pooled, trajectories, *, compile, steps=None, reps=1, **engine
+    model, cfg, cs, cs_pooled, trajectories, *, compile, steps=None, reps=1, around=None,
+    **engine,
 ):
     """Wall seconds of Engine.run_unit for one unit (after one untimed warm-up run, which also
-    traces the compiled step), and the warm-up's own seconds. `engine`: further Engine
-    arguments (`segment`)."""
+    traces the compiled step), and the warm-up's own seconds. `around`: a context manager
+    entered around the timed runs alone. `engine`: further Engine arguments (`segment`)."""
     from calibjob.engine import Engine
 
     eng = Engine(
@@ -174,10 +204,11 @@ def engine_unit_seconds(
     eng.run_unit(p, trajectories, cs[p], cs_pooled[p])
     first = time.perf_counter() - t0
     times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        eng.run_unit(p, trajectories, cs[p], cs_pooled[p])
-        times.append(time.perf_counter() - t0)
+    with around if around is not None else contextlib.nullcontext():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            eng.run_unit(p, trajectories, cs[p], cs_pooled[p])
+            times.append(time.perf_counter() - t0)
     eng.release_prompt()
     return times, first
 

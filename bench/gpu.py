@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--no-compare", action="store_true",
                     help="skip the eager / compiled / fused units")
     ap.add_argument("--only-job", action="store_true", help="the job alone (no spec, no sweep)")
+    ap.add_argument("--no-job", action="store_true", help="everything but the job")
     ap.add_argument("--warm", action="store_true",
                     help="first a 2-step unit at each of the job's batch sizes, so that MLX's "
                     "kernel cache is warm when the job starts (the 'warm' figures)")
@@ -96,8 +97,12 @@ def main() -> None:
                     "(bench/sd3_torch.py in a subprocess; needs torch and diffusers)")
     ap.add_argument("--drift", action="store_true",
                     help="each path's distance from the eager spec loop after 100 steps")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="Python's thread switch interval for the job, ms (0: as it is)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval / 1e3)
     con = Console(width=110)
     compile_flag = {"auto": None, "on": True, "off": False, "fused": True}[args.compile]
     fused_kw = {"fused": True} if args.compile == "fused" else {}
@@ -142,31 +147,36 @@ def main() -> None:
             common.engine_unit_seconds(model, cfg, cs, cs_pooled, trajs, compile=compile_flag,
                                        steps=2, **fused_kw)  # fmt: skip
         con.print(f"warmed: units of {sorted(sizes)}")
-    jit_before = jit_modules()
-    results["jit_modules_cached_at_start"] = jit_before
-    # 1. the job, first in a fresh process (so MLX's kernel JIT is paid inside it, as for a user),
-    #    in-process through the worker and the store
-    with tempfile.TemporaryDirectory(prefix="calibjob-gpu-") as tmp:
-        store = Path(tmp) / "paper.zarr"
-        if args.compile != "auto":
-            cfg = cfg.replace(compile=args.compile)
-        job_cfg = cfg
-        common.prepare_store(store, job_cfg, model, cs, cs_pooled)
-        res, wall = common.run_job(job_cfg, store, model)
-        done = int(open_store(store, mode="r").done_mask().sum())
-        finite = bool(np.isfinite(open_store(store, mode="r").read_row("xs", 0)).all())
     steps_total = cfg.num_fid_samples * S
-    job_ms = wall / steps_total * 1e3
-    results.update(
-        job_seconds=wall, job_minutes=wall / 60, job_ms_per_traj_step=job_ms,
-        trajectories_done=done, finite=finite,
-    )
-    results["jit_modules_compiled_by_job"] = jit_modules() - jit_before
-    con.print(
-        f"job: {wall:.1f} s, {done} trajectories done, finite: {finite}; MLX kernel JIT cache: "
-        f"{jit_before} modules at start, {results['jit_modules_compiled_by_job']} new"
-    )
-    save()
+    job_ms = wall = None
+    if not args.no_job:
+        jit_before = jit_modules()
+        results["jit_modules_cached_at_start"] = jit_before
+        # 1. the job, first in a fresh process (so MLX's kernel JIT is paid inside it, as for a
+        #    user), in-process through the worker and the store
+        with tempfile.TemporaryDirectory(prefix="calibjob-gpu-") as tmp:
+            store = Path(tmp) / "paper.zarr"
+            if args.compile != "auto":
+                cfg = cfg.replace(compile=args.compile)
+            job_cfg = cfg
+            common.prepare_store(store, job_cfg, model, cs, cs_pooled)
+            job_units: list = []
+            res, wall = common.run_job(job_cfg, store, model, units=job_units)
+            done = int(open_store(store, mode="r").done_mask().sum())
+            finite = bool(np.isfinite(open_store(store, mode="r").read_row("xs", 0)).all())
+        job_ms = wall / steps_total * 1e3
+        results.update(
+            job_seconds=wall, job_minutes=wall / 60, job_ms_per_traj_step=job_ms,
+            trajectories_done=done, finite=finite,
+        )
+        results["jit_modules_compiled_by_job"] = jit_modules() - jit_before
+        results["job_units"] = common.unit_summary(job_units, wall, S)
+        con.print(f"job units: {results['job_units']}")
+        con.print(
+            f"job: {wall:.1f} s, {done} trajectories done, finite: {finite}; MLX kernel JIT cache: "
+            f"{jit_before} modules at start, {results['jit_modules_compiled_by_job']} new"
+        )
+        save()
     if args.only_job:
         return
 
@@ -234,20 +244,24 @@ def main() -> None:
             t.add_row(f"engine unit of {len(unit)}, {key}, ms / traj-step",
                       f"{results[f'unit_{key}_ms_per_traj_step']:.2f}",
                       f"first run {results[f'unit_{key}_first_s']:.1f} s")
-    t.add_row("calibjob job, ms / traj-step", f"{job_ms:.2f}",
-              f"batch {cfg.batch_size}, compile {job_cfg.compile}")
-    t.add_row("calibjob job (run_shard, store), min", f"{wall / 60:.2f}", "<= 3.0 (stretch 2.0)")
-    t.add_row("ratio to the spec loop", f"{spec_ms / job_ms:.2f}x", ">= 3x")
-    if not args.small:
-        t.add_row("fraction of the dense fp16 limit", f"{DENSE_MS / job_ms:.0%}",
-                  f"{DENSE_MS} ms / traj-step")
+    if job_ms is not None:
+        t.add_row("calibjob job, ms / traj-step", f"{job_ms:.2f}",
+                  f"batch {cfg.batch_size}, compile {job_cfg.compile}")
+        t.add_row("calibjob job (run_shard, store), min", f"{wall / 60:.2f}",
+                  "<= 3.0 (stretch 2.0)")
+        t.add_row("ratio to the spec loop", f"{spec_ms / job_ms:.2f}x", ">= 3x")
+        if not args.small:
+            t.add_row("fraction of the dense fp16 limit", f"{DENSE_MS / job_ms:.0%}",
+                      f"{DENSE_MS} ms / traj-step")
     for b, ms in sweep.items():
         t.add_row(f"engine batch {b} (10 steps), ms / traj-step", f"{ms:.2f}", "")
+    ours = results.get("unit_fused_ms_per_traj_step")
     for k, ms in results.get("diffusers_ms_per_traj_step", {}).items():
         t.add_row(f"diffusers SD3Transformer2DModel {k}, ms / traj-step", f"{ms:.2f}",
-                  f"job / this: {job_ms / ms:.2f}")
+                  f"fused unit / this: {ours / ms:.2f}" if ours else "")
     con.print(t)
-    con.print(f"{results['env']}; job trajectories done {done}; finite {finite}")
+    if job_ms is not None:
+        con.print(f"{results['env']}; job trajectories done {done}; finite {finite}")
     save()
 
 
