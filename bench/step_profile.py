@@ -10,7 +10,9 @@ replaced by v: what attention costs), `no-layernorm` (layer norms as identity: w
 `one-graph` (the whole step as one compiled graph rather than one per block: what the segment
 boundaries cost), `eager`, `fused` (the job's fused step:
 models/fused_block.py with models/cuda_ops.py's kernels; `fused-segN`: in segments of N
-blocks, 0 = one graph per step). Run with
+blocks, 0 = one graph per step; `fused-mlx-gelu`: the fused step with MLX's own GELU, what the
+GELU kernel buys). Each line also gives the share of the unit's wall time the host spent
+waiting on the device: near 100% means the device is the limit. Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain.
 """
@@ -63,14 +65,39 @@ def ops(batch: int) -> dict:
     return res
 
 
-def unit_ms(model, cfg, cs, cp, batch: int, **engine) -> tuple[float, float]:
+class HostWait:
+    """Seconds the host spends blocked in mx.eval while installed: the rest of a unit's wall
+    time is the host building and launching work. A host that almost never waits is what the
+    device waits on."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._eval = mx.eval
+
+    def __enter__(self) -> HostWait:
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return self._eval(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        mx.eval = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        mx.eval = self._eval
+
+
+def unit_ms(model, cfg, cs, cp, batch: int, **engine) -> tuple[float, float, float]:
     """ms per trajectory-step of one unit of prompt 0 (10 steps, best of 2 after a warm-up
-    run) and the warm-up's seconds."""
+    run), the warm-up's seconds, and the share of the timed runs' wall the host waited."""
     trajs = [len(cfg.prompts) * j for j in range(batch)]
+    wait = HostWait()
     times, first = common.engine_unit_seconds(
-        model, cfg, cs, cp, trajs, steps=10, reps=2, **engine
+        model, cfg, cs, cp, trajs, steps=10, reps=2, around=wait, **engine
     )
-    return min(times) / (batch * 10) * 1e3, first
+    return min(times) / (batch * 10) * 1e3, first, wait.seconds / sum(times)
 
 
 def small(args) -> None:
@@ -94,6 +121,9 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
     b = args.batch
     real_sdpa = [blk.sdpa for blk in mmdit.multimodal_transformer_blocks]
     real_ln = mx.fast.layer_norm
+    from calibjob.models import fused_block
+
+    real_gelu = fused_block.gelu
     for name in [v for v in args.variants.split(",") if v]:
         kw = {"compile": name != "eager", "fused": name.startswith("fused")}
         if name == "one-graph":
@@ -103,19 +133,22 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
         if name == "no-attention":
             for blk in mmdit.multimodal_transformer_blocks:
                 blk.sdpa = lambda q, k, v, scale=None, **_: v
+        if name == "fused-mlx-gelu":
+            fused_block.gelu = lambda x, act: act(x)
         if name == "no-layernorm":
             mx.fast.layer_norm = lambda x, weight=None, bias=None, eps=None: (
                 x if weight is None else x * weight + bias
             )
         try:
-            ms, first = unit_ms(model, cfg, cs, cp, b, **kw)
+            ms, first, waited = unit_ms(model, cfg, cs, cp, b, **kw)
         finally:
             for blk, f in zip(mmdit.multimodal_transformer_blocks, real_sdpa, strict=True):
                 blk.sdpa = f
             mx.fast.layer_norm = real_ln
+            fused_block.gelu = real_gelu
         units[name] = ms
-        print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s)",
-              flush=True)
+        print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s); the "
+              f"host waited {waited:.0%} of the time", flush=True)
     if "generic" in units:
         g = units["generic"]
         for name, ms in units.items():

@@ -9,7 +9,10 @@ Modulation parameters: once per prompt the engine computes, for every step, what
 `MMDiT.cache_modulation_params` would put in each module's `_modulation_params` (the same ops on
 the same shapes, so the same numbers; plus the guidance term of a guidance-embedded model),
 evaluated in one go rather than one sync per module and step, and without emptying the adaLN
-weights, so nothing has to be reloaded when the prompt changes. During a model call each
+weights, so nothing has to be reloaded when the prompt changes (with a compiled step on a GPU,
+all steps' rows go through each module's product at once: `modulation_params(batched=True)`;
+on CPU a product's bits can depend on its number of rows, so CPU keeps one product a step).
+During a model call each
 module's `_modulation_params` is a `ModulationSlot` that hands back, whatever timestep it is
 asked for, the step's parameters repeated to the batch. The parameters are therefore plain
 inputs of the step function: one `mx.compile` per batch size serves every step and every
@@ -122,7 +125,7 @@ class Engine:
         act = self.model.activation_dtype
         self._mods = modulation_params(
             self.model.mmdit, mx.array(cs_pooled).astype(act), self.timesteps,
-            self.guidance_scale,
+            self.guidance_scale, batched=self.compile and device.on_gpu(),
         )  # fmt: skip
         self._cond = mx.array(cs).astype(act)
         mx.eval(self._mods, self._cond)

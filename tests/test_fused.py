@@ -80,6 +80,28 @@ def test_the_comparison_sees_a_misrouted_modulation():
     assert np.abs(np.array(right) - np.array(wrong)).max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+def test_batched_modulation_is_each_steps_own(kind):
+    """A compiled step on a GPU takes every step's modulation from one product per module
+    (`batched`): each step's rows must be that step's parameters (row order step-major, the
+    guidance term included), within the product's float32 rounding."""
+    mmdit = BUILDS[kind]()
+    g = 3.5 if kind == "flux-dev" else None
+    pooled = mx.array(np.random.default_rng(1).standard_normal(
+        (2, mmdit.config.pooled_text_embed_dim), dtype=np.float32))  # fmt: skip
+    ts = mx.array(np.linspace(1000.0, 10.0, 7, dtype=np.float32))
+    per_step = modulation_params(mmdit, pooled, ts, g)
+    batched = modulation_params(mmdit, pooled, ts, g, batched=True)
+    assert len(batched) == len(per_step) == 7
+    for a, b in zip(per_step, batched, strict=True):
+        assert [m.shape for m in a] == [m.shape for m in b]
+        for x, y in zip(a, b, strict=True):
+            x, y = np.array(x), np.array(y)
+            assert np.abs(x - y).max() <= 1e-6 * np.abs(x).max()
+    # and the comparison sees a step's parameters handed to another step
+    assert np.abs(np.array(per_step[0][0]) - np.array(batched[1][0])).max() > 1e-3
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-flux-dev"])
 def test_engine_fused_unit_equals_the_generic_unit(name):
     model = load(name, shift=1.0) if "flux" in name else load(name)

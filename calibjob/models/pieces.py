@@ -103,11 +103,19 @@ def guidance_term(mmdit, guidance: float | None, rows: int, dtype: mx.Dtype) -> 
 
 
 def modulation_params(
-    mmdit, cs_pooled: mx.array, timesteps: mx.array, guidance: float | None = None
+    mmdit, cs_pooled: mx.array, timesteps: mx.array, guidance: float | None = None,
+    *, batched: bool = False,
 ) -> list[list[mx.array]]:
     """Per step, per module (in `modulated_modules` order): the modulation parameters
     (rows, 1, 1, k*hidden) for pooled conditioning of `rows` rows, computed as
-    `MMDiT.cache_modulation_params` does (plus the guidance term), unevaluated."""
+    `MMDiT.cache_modulation_params` does (plus the guidance term), unevaluated.
+
+    `batched`: every step's rows through each module's adaLN product at once (one product per
+    module, its weights read once, rather than one per module and step: ~0.15 s a prompt of
+    SD3-2b's 100 steps on an H200). The same ops row by row, but whether a product's rows come
+    out the same bits whatever their number is the BLAS's affair (OpenBLAS's differ for some
+    widths), so the engine batches only a compiled step on a GPU, which the spec loop's bits
+    do not bind."""
     modules = modulated_modules(mmdit)
     # each module's adaLN_modulation is Sequential(SiLU, Linear) on the same input: the SiLU is
     # computed once per step and shared (same function, same input, so the same numbers)
@@ -115,15 +123,18 @@ def modulation_params(
     y_embed = mmdit.y_embedder(cs_pooled)
     n = cs_pooled.shape[0]
     g_embed = guidance_term(mmdit, guidance, n, timesteps.dtype)
-    out = []
+    acts = []
     for i in range(timesteps.shape[0]):
         timestep = timesteps[i]
         inputs = y_embed[:, None, None, :] + mmdit.t_embedder(mx.repeat(timestep[None], n, axis=0))
         if g_embed is not None:
             inputs = inputs + g_embed
-        act = silu(inputs)
-        out.append([m.adaLN_modulation.layers[1](act) for m in modules])
-    return out
+        acts.append(silu(inputs))
+    if batched:  # rows step-major: row i*n + j is step i, branch j
+        act = mx.concatenate(acts, axis=0)
+        per_module = [m.adaLN_modulation.layers[1](act) for m in modules]
+        return [[p[i * n : (i + 1) * n] for p in per_module] for i in range(len(acts))]
+    return [[m.adaLN_modulation.layers[1](act) for m in modules] for act in acts]
 
 
 def positional_encodings(mmdit, text_len: int, latent_size: tuple[int, int]) -> mx.array | None:
