@@ -11,10 +11,8 @@ replaced by v: what attention costs), `no-layernorm` (layer norms as identity: w
 boundaries cost), `eager`, `fused` (the job's fused step:
 models/fused_block.py with models/cuda_ops.py's kernels; `fused-segN`: in segments of N
 blocks, 0 = one graph per step; `fused-mlx-gelu`: the fused step with MLX's own GELU, what the
-GELU kernel buys; `fused-o-copy`: with the o-projection's inputs copied out of the attention
-output as before, what the stream views buy). Each line also gives the share of the unit's
-wall time the host spent waiting on the device: near 100% means the device is the limit.
-Run with
+GELU kernel buys). Each line also gives the share of the unit's wall time the host spent
+waiting on the device: near 100% means the device is the limit. Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain.
 """
@@ -137,8 +135,6 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
                 blk.sdpa = lambda q, k, v, scale=None, **_: v
         if name == "fused-mlx-gelu":
             fused_block.gelu = lambda x, act: act(x)
-        if name == "fused-o-copy":
-            fused_block.STREAM_VIEWS = False
         if name == "no-layernorm":
             mx.fast.layer_norm = lambda x, weight=None, bias=None, eps=None: (
                 x if weight is None else x * weight + bias
@@ -150,7 +146,6 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
                 blk.sdpa = f
             mx.fast.layer_norm = real_ln
             fused_block.gelu = real_gelu
-            fused_block.STREAM_VIEWS = None
         units[name] = ms
         print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s); the "
               f"host waited {waited:.0%} of the time", flush=True)

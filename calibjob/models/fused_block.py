@@ -16,18 +16,7 @@ import mlx.core as mx
 import numpy as np
 from diffusionkit.mlx.mmdit import SDPA_FLASH_ATTN_THRESHOLD, RoPE
 
-from calibjob.device import on_cuda
 from calibjob.models.cuda_ops import gated_modulated_norm, gelu, joint_tokens, modulated_norm
-
-# On CUDA the attention output goes to each stream's o-projection as (B, L, C) views: a
-# product takes a token slice of that shape as it is, where a (B, L, 1, C) slice is first
-# copied (47 copies a step, 0.077 ms per trajectory-step on an H200). Elsewhere the (B, L, 1,
-# C) slices DiffusionKit's blocks use, so CPU keeps their bits. A switch for bench/step_profile.
-STREAM_VIEWS = None  # None: on CUDA
-
-
-def _stream_views() -> bool:
-    return on_cuda() if STREAM_VIEWS is None else STREAM_VIEWS
 
 
 def _pre(tb, x: mx.array, mods: mx.array):
@@ -57,7 +46,7 @@ def _post(tb, residual: mx.array, out: mx.array, mods: mx.array, normed: mx.arra
     output)."""
     k = tb.num_modulation_params
     p = mx.split(mods, k, axis=-1)
-    attention_out = tb.attn.o_proj(out).reshape(residual.shape)
+    attention_out = tb.attn.o_proj(out)
     if tb.parallel_mlp:
         return residual + p[2] * (attention_out + _mlp(tb.mlp, normed))
     residual, normed2 = gated_modulated_norm(residual, attention_out, mods, k, 2, 3, 4, tb.norm2)
@@ -66,7 +55,7 @@ def _post(tb, residual: mx.array, out: mx.array, mods: mx.array, normed: mx.arra
 
 def _attention(block, q, k, v, pos) -> mx.array:
     """Joint attention over (B, L, 1, C) q/k/v (RoPE first where the model has it), output
-    (B, L, 1, C), or (B, L, C) for stream views (`STREAM_VIEWS`)."""
+    (B, L, 1, C)."""
     config = block.config
     b, heads, dh = q.shape[0], config.num_heads, block.per_head_dim
 
@@ -80,8 +69,7 @@ def _attention(block, q, k, v, pos) -> mx.array:
     if config.low_memory_mode:
         extra["memory_efficient_threshold"] = SDPA_FLASH_ATTN_THRESHOLD
     o = block.sdpa(q=q, k=k, v=v, scale=1.0 / np.sqrt(dh), **extra)
-    shape = (b, -1, config.hidden_size) if _stream_views() else (b, -1, 1, config.hidden_size)
-    return o.transpose(0, 2, 1, 3).reshape(*shape)
+    return o.transpose(0, 2, 1, 3).reshape(b, -1, 1, config.hidden_size)
 
 
 def joint_block(block, h, c, m_img, m_txt, pos=None):
