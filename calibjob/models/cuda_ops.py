@@ -9,9 +9,7 @@ copies that slice each adaLN parameter out of the block's modulation row. Here:
 - `modulated_norm`: layer_norm(x) * (1 + scale) + shift in one pass, the shift and scale read
   straight from the block's modulation (rows, 1, 1, k*D) by chunk index;
 - `gated_modulated_norm`: r = x + y * gate, then the modulated norm of r; both returned;
-- `joint_tokens`: the two streams' q, k and v joined along the tokens in one kernel;
-- `gelu`: the MLP's GELU (erf) in one pass at 16 bytes a load; MLX's own fused kernel for it
-  moved ~1.9 TB/s (0.52 ms per trajectory-step, the largest pass left).
+- `joint_tokens`: the two streams' q, k and v joined along the tokens in one kernel.
 
 Each rounds as the separate ops do (every op's result in the activation dtype, the norm's
 statistics in float32), so the data stays the model's arithmetic; what is left is the order of
@@ -25,7 +23,6 @@ from __future__ import annotations
 import hashlib
 
 import mlx.core as mx
-import mlx.nn as nn
 from diffusionkit.mlx.mmdit import affine_transform
 
 from calibjob.device import on_cuda
@@ -166,37 +163,13 @@ _JOIN = """
   reinterpret_cast<uint4*>(v + dst)[0] = a[0];
 """
 
-# x * (1 + erf(x / sqrt 2)) / 2 as `mlx.nn.gelu` computes it on T: sqrt 2 as a T constant and
-# every op's result rounded to T. Thread i does elements 8i..8i+7; the count comes from the
-# shape (all of it: the caller passes contiguous tokens whose size is a multiple of 8).
-_GELU = """
-  const size_t n = (size_t)x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3];
-  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
-  if (i >= n) return;
-  float v[8];
-  calib::load8(x + i, v);
-  const float r2 = static_cast<float>(static_cast<T>(1.4142135623730951f));
-  alignas(16) T o[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    T a = static_cast<T>(v[j] / r2);
-    T e = static_cast<T>(erff(static_cast<float>(a)));
-    T b = static_cast<T>(1.f + static_cast<float>(e));
-    T c = static_cast<T>(v[j] * static_cast<float>(b));
-    o[j] = static_cast<T>(static_cast<float>(c) / 2.f);
-  }
-  calib::store8(out + i, o);
-"""
-
 _kernels: dict = {}
 
 
 def _kernel(kind: str, eps: float = 0.0):
-    """The compiled kernel `kind` (norm, gated, join or gelu), one per epsilon."""
+    """The compiled kernel `kind` (norm, gated or join), one per epsilon."""
     if (kind, eps) not in _kernels:
-        if kind == "gelu":
-            body, inputs, outputs = _GELU, ["x"], ["out"]
-        elif kind == "join":
+        if kind == "join":
             body, inputs, outputs = _JOIN, ["q1", "q2", "k1", "k2", "v1", "v2"], ["q", "k", "v"]
         else:
             body = _NORM.replace("LOAD", _LOAD_GATED if kind == "gated" else _LOAD_PLAIN)
@@ -289,21 +262,3 @@ def joint_tokens(first: tuple, second: tuple) -> tuple[mx.array, mx.array, mx.ar
             output_dtypes=[a.dtype] * 3,
         )
     )
-
-
-def gelu(x: mx.array, act) -> mx.array:
-    """The MLP's activation `act` on x (rows, L, 1, D): one kernel where `act` is MLX's exact
-    GELU (DiffusionKit's SD3 and FLUX.1 MLPs) and x fits, `act(x)` otherwise."""
-    exact = isinstance(act, nn.GELU) and getattr(act, "_approx", None) == "none"
-    if not (exact and _tokens_fit(x)):
-        return act(x)
-    n = x.size // 8
-    (out,) = _kernel("gelu")(
-        inputs=[x],
-        template=[("T", x.dtype)],
-        grid=((n + 255) // 256 * 256, 1, 1),
-        threadgroup=(256, 1, 1),
-        output_shapes=[x.shape],
-        output_dtypes=[x.dtype],
-    )
-    return out
