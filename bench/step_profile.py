@@ -14,9 +14,10 @@ blocks, 0 = one graph per step). Each line also gives the share of the unit's wa
 host spent waiting on the device: near 100% means the device is the limit. Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain. So were
-the MLP's GELU as one CUDA kernel (`fused-mlx-gelu`, commit 7fc3685: its kernel 132 against
-MLX's 145 us a call, the unit unchanged) and the o-projection on (B, L, C) views of the
-attention output (`fused-o-copy`, commit 6364f63: the copy stayed).
+the MLP's GELU as one CUDA kernel (`fused-mlx-gelu`, commit 7fc3685 with its fit check let
+past 4096 channels: its kernel 132 against MLX's 145 us a call, the unit unchanged) and the
+o-projection on (B, L, C) views of the attention output (`fused-o-copy`, commit 6364f63: the
+copy stayed).
 """
 
 from __future__ import annotations
