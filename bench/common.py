@@ -181,6 +181,17 @@ def spec_seconds(model, cs, cs_pooled, cfg, trajectories: list[int]) -> list[flo
     return out
 
 
+def mlx_ms(fn, reps: int = 20) -> float:
+    """Mean ms per call of fn() (an unevaluated MLX array), reps calls queued then evaluated,
+    after 3 warm-up calls."""
+    mx.eval([fn() for _ in range(3)])
+    mx.synchronize()
+    t0 = time.perf_counter()
+    mx.eval([fn() for _ in range(reps)])
+    mx.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
 def engine_unit_seconds(
     model, cfg, cs, cs_pooled, trajectories, *, compile, steps=None, reps=1, around=None,
     **engine,

@@ -22,12 +22,11 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402, F401  (the checkout on sys.path, OpenBLAS before MLX)
+import common  # noqa: E402  (the checkout on sys.path, OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
@@ -99,15 +98,6 @@ def same(a: mx.array, b: mx.array) -> mx.array:
     return bits | (mx.isnan(a.astype(mx.float32)) & mx.isnan(b.astype(mx.float32)))
 
 
-def ms_per_call(fn, reps: int = 20) -> float:
-    mx.eval([fn() for _ in range(3)])
-    mx.synchronize()
-    t0 = time.perf_counter()
-    mx.eval([fn() for _ in range(reps)])
-    mx.synchronize()
-    return (time.perf_counter() - t0) / reps * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
@@ -131,10 +121,10 @@ def main() -> None:
         for tokens in (256, 589):
             x = (mx.random.normal((26, tokens, 1, 6144)) * 2).astype(dtype)
             mx.eval(x)
-            r[f"mlx compiled gelu, {tokens} tokens, ms"] = ms_per_call(lambda x=x: compiled(x))
+            r[f"mlx compiled gelu, {tokens} tokens, ms"] = common.mlx_ms(lambda x=x: compiled(x))
             for kind, k in ks.items():
                 if f"{kind} error" not in r:
-                    r[f"{kind}, {tokens} tokens, ms"] = ms_per_call(
+                    r[f"{kind}, {tokens} tokens, ms"] = common.mlx_ms(
                         lambda x=x, k=k, kind=kind, t=tbl: run(kind, k, x, t)
                     )
         res[dname] = r

@@ -35,17 +35,6 @@ import mlx.core as mx  # noqa: E402
 from sd3_torch import HEADS, TOKENS_IMG, TOKENS_TXT, WIDTH, step_products  # noqa: E402
 
 
-def mlx_ms(fn, reps: int = 20) -> float:
-    """Mean ms per call of fn() (an unevaluated MLX array), reps calls queued then evaluated,
-    after 3 warm-up calls."""
-    mx.eval([fn() for _ in range(3)])
-    mx.synchronize()
-    t0 = time.perf_counter()
-    mx.eval([fn() for _ in range(reps)])
-    mx.synchronize()
-    return (time.perf_counter() - t0) / reps * 1e3
-
-
 def ops(batch: int) -> dict:
     res = {}
     for name, m, k, n, _ in step_products(batch):
@@ -53,18 +42,20 @@ def ops(batch: int) -> dict:
         w = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
         b = mx.random.normal((n,)).astype(mx.float16)
         mx.eval(x, w, b)
-        res[f"{name} {m}x{k}x{n}"] = mlx_ms(lambda x=x, w=w, b=b: mx.addmm(b, x, w.T))
+        res[f"{name} {m}x{k}x{n}"] = common.mlx_ms(lambda x=x, w=w, b=b: mx.addmm(b, x, w.T))
     m = 2 * batch * TOKENS_IMG
     x = mx.random.normal((m, WIDTH)).astype(mx.float16)
     w = (mx.random.normal((3 * WIDTH, WIDTH)) * 0.02).astype(mx.float16)
     mx.eval(x, w)
-    res[f"img q/k/v fused {m}x{WIDTH}x{3 * WIDTH}"] = mlx_ms(lambda: x @ w.T)
+    res[f"img q/k/v fused {m}x{WIDTH}x{3 * WIDTH}"] = common.mlx_ms(lambda: x @ w.T)
     q, k, v = (
         mx.random.normal((2 * batch, HEADS, TOKENS_IMG + TOKENS_TXT, 64)).astype(mx.float16)
         for _ in range(3)
     )
     mx.eval(q, k, v)
-    res["attention"] = mlx_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125))
+    res["attention"] = common.mlx_ms(
+        lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125)
+    )
     return res
 
 
