@@ -12,12 +12,11 @@ evaluated in one go rather than one sync per module and step, and without emptyi
 weights, so nothing has to be reloaded when the prompt changes (with a compiled step on a GPU,
 all steps' rows go through each module's product at once: `modulation_params(batched=True)`;
 on CPU a product's bits can depend on its number of rows, so CPU keeps one product a step).
-During a model call each
-module's `_modulation_params` is a `ModulationSlot` that hands back, whatever timestep it is
-asked for, the step's parameters repeated to the batch. The parameters are therefore plain
-inputs of the step function: one `mx.compile` per batch size serves every step and every
-prompt, and nothing captured at trace time can go stale. The MMDiT runs in pieces
-(`models/pieces.py`): a head, one function per block, a tail.
+During a model call each module's `_modulation_params` is a `ModulationSlot` that hands back,
+whatever timestep it is asked for, the step's parameters repeated to the batch. The
+parameters are therefore plain inputs of the step function: one `mx.compile` per batch size
+serves every step and every prompt, and nothing captured at trace time can go stale. The MMDiT
+runs in pieces (`models/pieces.py`): a head, one function per block, a tail.
 
 `compile=True` (the CLI's `--compile`; None = on a GPU only, see device.resolve_compile) fuses
 the elementwise work around the matmuls. Measured (2026-11, mlx 0.32.4): on CPU it changes

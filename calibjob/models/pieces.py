@@ -111,7 +111,7 @@ def modulation_params(
     `MMDiT.cache_modulation_params` does (plus the guidance term), unevaluated.
 
     `batched`: every step's rows through each module's adaLN product at once (one product per
-    module, its weights read once, rather than one per module and step: ~0.15 s a prompt of
+    module, its weights read once, rather than one per module and step: ~0.17 s a prompt of
     SD3-2b's 100 steps on an H200). The same ops row by row, but whether a product's rows come
     out the same bits whatever their number is the BLAS's affair (OpenBLAS's differ for some
     widths), so the engine batches only a compiled step on a GPU, which the spec loop's bits
