@@ -125,17 +125,16 @@ def run_job(cfg, store_path: Path, model, units: list | None = None):
     from calibjob.jobs.run import RUN
 
     real_load, real_unit = models.load, Engine.run_unit
-    t0 = time.perf_counter()
 
     def timed_unit(self, prompt, trajectories, *a, **k):
         start = time.perf_counter() - t0
         out = real_unit(self, prompt, trajectories, *a, **k)
-        if units is not None:
-            units.append((start, time.perf_counter() - t0, len(trajectories)))
+        units.append((start, time.perf_counter() - t0, len(trajectories)))
         return out
 
     models.load = lambda *a, **k: model
-    Engine.run_unit = timed_unit
+    if units is not None:
+        Engine.run_unit = timed_unit
     try:
         t0 = time.perf_counter()
         res = run_shards(RUN, cfg, str(store_path), [ALL], show_progress=False)
