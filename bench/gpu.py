@@ -97,12 +97,8 @@ def main() -> None:
                     "(bench/sd3_torch.py in a subprocess; needs torch and diffusers)")
     ap.add_argument("--drift", action="store_true",
                     help="each path's distance from the eager spec loop after 100 steps")
-    ap.add_argument("--switch-interval", type=float, default=0.0,
-                    help="Python's thread switch interval for the job, ms (0: as it is)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval / 1e3)
     con = Console(width=110)
     compile_flag = {"auto": None, "on": True, "off": False, "fused": True}[args.compile]
     fused_kw = {"fused": True} if args.compile == "fused" else {}
