@@ -10,8 +10,9 @@ functions are those ops, and every difference is 0).
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 
-from calibjob.models.cuda_ops import gated_modulated_norm, joint_tokens, modulated_norm
+from calibjob.models import cuda_ops
 
 
 def check_all() -> dict:
@@ -22,7 +23,9 @@ def check_all() -> dict:
 def check(rows: int = 26, tokens: int = 845, d: int = 1536, eps: float = 1e-6,
           dtype=mx.float16) -> dict:  # fmt: skip
     """Max |kernel - separate ops| in units of the output's largest magnitude, for each kernel
-    of cuda_ops (the join must be exact)."""
+    of cuda_ops (the join must be exact), and how many GELU outputs differ from MLX's own GELU
+    in any bit (must be 0): every value of the dtype, and the MLP's activations at this width
+    (through `act` and through `act` compiled, as the step runs it)."""
     from diffusionkit.mlx.mmdit import LayerNorm
 
     norm = LayerNorm(d, eps=eps)
@@ -39,13 +42,29 @@ def check(rows: int = 26, tokens: int = 845, d: int = 1536, eps: float = 1e-6,
     ref = mx.fast.layer_norm(x, None, None, eps) * (1.0 + sc) + sh
     r_ref = x + y * g
     m_ref = mx.fast.layer_norm(r_ref, None, None, eps) * (1.0 + sc) + sh
-    r, m = gated_modulated_norm(x, y, mods, 6, 2, 3, 4, norm)
+    r, m = cuda_ops.gated_modulated_norm(x, y, mods, 6, 2, 3, 4, norm)
     a = [mx.random.normal((rows, n, 1, d)).astype(dtype) for n in (256, 589) for _ in "qkv"]
-    joined = joint_tokens(tuple(a[:3]), tuple(a[3:]))
+    joined = cuda_ops.joint_tokens(tuple(a[:3]), tuple(a[3:]))
     join = max(rel(j, mx.concatenate([a[i], a[3 + i]], axis=1)) for i, j in enumerate(joined))
-    return {"modulated_norm": rel(modulated_norm(x, mods, 6, 3, 4, norm), ref),
+    cuda_ops.prepare_gelu()
+    act, gelu = nn.GELU(), cuda_ops.gelu
+    every = mx.arange(65536, dtype=mx.uint32).astype(mx.uint16).view(dtype).reshape(1, -1, 1, 8)
+    h = mx.random.normal((rows, tokens, 1, 4 * d)).astype(dtype) * 2
+    lut = gelu(h, act)
+    return {"modulated_norm": rel(cuda_ops.modulated_norm(x, mods, 6, 3, 4, norm), ref),
             "gated_residual": rel(r, r_ref), "gated_modulated_norm": rel(m, m_ref),
-            "joint_tokens": join}  # fmt: skip
+            "joint_tokens": join,
+            "gelu_values_not_bit_equal": not_equal(gelu(every, act), act(every)),
+            "gelu_activations_not_bit_equal": not_equal(lut, act(h)),
+            "gelu_activations_not_bit_equal_compiled": not_equal(lut, mx.compile(act)(h)),
+            }  # fmt: skip
+
+
+def not_equal(a: mx.array, b: mx.array) -> int:
+    """Elements that differ in any bit, NaNs of any payload counted equal."""
+    same = a.view(mx.uint16) == b.view(mx.uint16)
+    nan = mx.isnan(a.astype(mx.float32)) & mx.isnan(b.astype(mx.float32))
+    return int((~(same | nan)).sum().item())
 
 
 if __name__ == "__main__":

@@ -64,10 +64,13 @@ _SHARED = """
 SMS = 132  # the H200's multiprocessors: one block of 1024 threads each for `lut-shared`
 
 
-def kernels() -> dict:
-    """The two table kernels (the source's hash in the name: MLX caches kernels by name)."""
+def kernels(only: str | None = None) -> dict:
+    """The two table kernels, or the one named `only` (the source's hash in the name: MLX
+    caches kernels by name)."""
     out = {}
     for kind, src, shared in (("lut-global", _GLOBAL, 0), ("lut-shared", _SHARED, 65536 * 2)):
+        if only and kind != only:
+            continue
         tag = hashlib.sha1(src.encode()).hexdigest()[:10]
         out[kind] = mx.fast.cuda_kernel(
             name=f"calib_gelu_{kind.replace('-', '_')}_{tag}", input_names=["x", "tbl"],

@@ -10,12 +10,15 @@ replaced by v: what attention costs), `no-layernorm` (layer norms as identity: w
 `one-graph` (the whole step as one compiled graph rather than one per block: what the segment
 boundaries cost), `eager`, `fused` (the job's fused step:
 models/fused_block.py with models/cuda_ops.py's kernels; `fused-segN`: in segments of N
-blocks, 0 = one graph per step). Each line also gives the share of the unit's wall time the
+blocks, 0 = one graph per step; `fused-mlx-gelu`: with MLX's own GELU rather than the table,
+what the table buys; `fused-lut-global`: the table read through the cache (bench/gelu_lut.py)
+rather than from shared memory). Each line also gives the share of the unit's wall time the
 host spent waiting on the device: near 100% means the device is the limit. Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain. So were
 the MLP's GELU as one CUDA kernel (`fused-mlx-gelu`, commit 7fc3685 with its fit check let
-past 4096 channels: its kernel 132 against MLX's 145 us a call, the unit unchanged) and the
+past 4096 channels: its kernel 132 against MLX's 145 us a call, the unit unchanged; the GELU
+is now a table lookup instead) and the
 o-projection on (B, L, C) views of the attention output (`fused-o-copy`, commit 6364f63: the
 copy stayed).
 """
@@ -115,6 +118,9 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
     b = args.batch
     real_sdpa = [blk.sdpa for blk in mmdit.multimodal_transformer_blocks]
     real_ln = mx.fast.layer_norm
+    from calibjob.models import fused_block
+
+    real_gelu = fused_block.gelu
     for name in [v for v in args.variants.split(",") if v]:
         kw = {"compile": name != "eager", "fused": name.startswith("fused")}
         if name == "one-graph":
@@ -124,6 +130,10 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
         if name == "no-attention":
             for blk in mmdit.multimodal_transformer_blocks:
                 blk.sdpa = lambda q, k, v, scale=None, **_: v
+        if name == "fused-mlx-gelu":
+            fused_block.gelu = lambda x, act: act(x)
+        if name == "fused-lut-global":
+            fused_block.gelu = lut_global_gelu()
         if name == "no-layernorm":
             mx.fast.layer_norm = lambda x, weight=None, bias=None, eps=None: (
                 x if weight is None else x * weight + bias
@@ -134,6 +144,7 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
             for blk, f in zip(mmdit.multimodal_transformer_blocks, real_sdpa, strict=True):
                 blk.sdpa = f
             mx.fast.layer_norm = real_ln
+            fused_block.gelu = real_gelu
         units[name] = ms
         print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s); the "
               f"host waited {waited:.0%} of the time", flush=True)
@@ -142,6 +153,23 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
         for name, ms in units.items():
             print(f"  {name:<14}{ms:7.2f}  {ms - g:+.2f} vs generic", flush=True)
     return units
+
+
+def lut_global_gelu():
+    """`cuda_ops.gelu` with the table read through the cache (bench/gelu_lut.py's kernel)."""
+    import gelu_lut
+
+    from calibjob.models import cuda_ops
+
+    kernel = gelu_lut.kernels(only="lut-global")["lut-global"]
+
+    def gelu(x, act):
+        table = cuda_ops._tables.get(x.dtype)
+        if table is None or x.ndim != 4 or x.size % 8:
+            return act(x)
+        return gelu_lut.run("lut-global", kernel, x, table)
+
+    return gelu
 
 
 def distances(model, cfg, cs, cp, args) -> dict:

@@ -136,10 +136,12 @@ class Engine:
         self._cond_by_batch = {}
 
     def _conditioning(self, batch: int) -> mx.array:
-        """(branches*B, L, 1, D): [pos]*B (+ [neg]*B under CFG), built once per prompt and
-        batch size, not per step."""
+        """(branches*B, L, 1, hidden): the text tokens' embedding of [pos]*B (+ [neg]*B under
+        CFG), computed once per prompt and batch size rather than at every step (the same
+        product on the same rows, so the same numbers)."""
         if batch not in self._cond_by_batch:
-            c = mx.expand_dims(mx.repeat(self._cond, batch, axis=0), 2)
+            rows = mx.expand_dims(mx.repeat(self._cond, batch, axis=0), 2)
+            c = self.model.mmdit.context_embedder(rows)
             mx.eval(c)
             self._cond_by_batch[batch] = c
         return self._cond_by_batch[batch]
@@ -156,8 +158,8 @@ class Engine:
         return self.model.sampler.noise_scaling(self.sigmas[0], noise, x_t)
 
     def _step_fn(self, batch: int) -> Callable:
-        """One Euler step for `batch` trajectories: (x, cond, sigma, sigma_next, mods) ->
-        x_next, one per batch size.
+        """One Euler step for `batch` trajectories: (x, c, sigma, sigma_next, mods) ->
+        x_next, one per batch size (c: the text tokens' embedding, `_conditioning`).
 
         DiffusionKit's MMDiT forward runs in pieces (`models/pieces.py`): each block its own
         (compiled) function, and the host at most one segment of `self.segment` blocks ahead
@@ -176,9 +178,9 @@ class Engine:
         )  # fmt: skip
         extra = p.extra
 
-        def head(x, cond):
+        def head(x, c):
             x_in = (mx.concatenate([x] * nb, axis=0) if nb > 1 else x).astype(act)
-            return (x_in, *p.head(x_in, cond))
+            return x_in, p.image_in(x_in), c
 
         def tail(*args):
             x, x_in, *state, sigma, sigma_next, m_final = args
@@ -207,8 +209,8 @@ class Engine:
         if k <= 0:
             blocks = blocks_from(p.blocks)
 
-            def whole(x, cond, sigma, sigma_next, mods):
-                x_in, *state = head(x, cond)
+            def whole(x, c, sigma, sigma_next, mods):
+                x_in, *state = head(x, c)
                 state = blocks(tuple(state), mods, sync=False)
                 return tail(x, x_in, *state, sigma, sigma_next, mods[-1])
 
@@ -218,8 +220,8 @@ class Engine:
             blocks = blocks_from([wrap(f) for f in p.blocks])
             head_fn, tail_fn = wrap(head), wrap(tail)
 
-            def fn(x, cond, sigma, sigma_next, mods):
-                x_in, *state = head_fn(x, cond)
+            def fn(x, c, sigma, sigma_next, mods):
+                x_in, *state = head_fn(x, c)
                 state = blocks(tuple(state), mods, sync=True)
                 return tail_fn(x, x_in, *state, sigma, sigma_next, mods[-1])
 
@@ -244,14 +246,14 @@ class Engine:
         self.set_prompt(prompt, cs, cs_pooled)
         batch = len(trajectories)
         fn = self._step_fn(batch)
-        cond = self._conditioning(batch)
+        c = self._conditioning(batch)
         x = self.initial_latents(trajectories)
         mx.eval(x)
         recorded = []
         with self._slots_installed():
             for i in range(self.num_steps):
                 recorded.append(x)
-                nxt = fn(x, cond, self._sigma[i], self._sigma[i + 1], self._mods[i])
+                nxt = fn(x, c, self._sigma[i], self._sigma[i + 1], self._mods[i])
                 mx.async_eval(nxt)  # queued behind step i-1: the device never waits for the host
                 if i > 0:
                     mx.eval(x)  # step i-1 done; at most one step in flight ahead of it

@@ -9,7 +9,11 @@ copies that slice each adaLN parameter out of the block's modulation row. Here:
 - `modulated_norm`: layer_norm(x) * (1 + scale) + shift in one pass, the shift and scale read
   straight from the block's modulation (rows, 1, 1, k*D) by chunk index;
 - `gated_modulated_norm`: r = x + y * gate, then the modulated norm of r; both returned;
-- `joint_tokens`: the two streams' q, k and v joined along the tokens in one kernel.
+- `joint_tokens`: the two streams' q, k and v joined along the tokens in one kernel;
+- `gelu`: the MLP's GELU as a table lookup. MLX's fused GELU (erf, every op rounded) is bound by
+  its instructions at ~2 TB/s (0.52 ms per trajectory-step, the largest pass left); a 2-byte
+  dtype has 65,536 values, so the function is a 128 KB table made by MLX's own `gelu` on the
+  device (equal to it by construction), held in each block's shared memory.
 
 Each rounds as the separate ops do (every op's result in the activation dtype, the norm's
 statistics in float32), so the data stays the model's arithmetic; what is left is the order of
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 
 import mlx.core as mx
+import mlx.nn as nn
 from diffusionkit.mlx.mmdit import affine_transform
 
 from calibjob.device import on_cuda
@@ -163,12 +168,57 @@ _JOIN = """
   reinterpret_cast<uint4*>(v + dst)[0] = a[0];
 """
 
+# out = table[x] for every 2-byte element: the table (65,536 entries, 128 KB) copied into the
+# block's shared memory, then the blocks (one per multiprocessor) stride over x 16 bytes a
+# load, two loads in flight per thread. The count comes from the shape: all of x, a multiple of
+# 8 elements (the caller checks).
+_GELU = """
+  extern __shared__ unsigned short table[];
+  for (int k = threadIdx.x; k < 65536 / 8; k += blockDim.x)
+    reinterpret_cast<uint4*>(table)[k] = reinterpret_cast<const uint4*>(tbl)[k];
+  __syncthreads();
+  const size_t chunks = (size_t)x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3] / 8;
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const uint4* src = reinterpret_cast<const uint4*>(x);
+  uint4* dst = reinterpret_cast<uint4*>(out);
+  for (size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += 2 * stride) {
+    const bool two = c + stride < chunks;
+    const uint4 a = src[c];
+    const uint4 b = two ? src[c + stride] : a;
+    dst[c] = calib::look(table, a);
+    if (two) dst[c + stride] = calib::look(table, b);
+  }
+"""
+_GELU_HEADER = """
+namespace calib {
+__device__ inline uint4 look(const unsigned short* table, uint4 u) {
+  const unsigned short* e = reinterpret_cast<const unsigned short*>(&u);
+  uint4 o;
+  unsigned short* r = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) r[j] = table[e[j]];
+  return o;
+}
+}  // namespace calib
+"""
+_TABLE_BYTES = 65536 * 2
+_BLOCKS = 132  # an H100's or H200's multiprocessors, one 1024-thread block each (the loop
+# covers any other count)
+
 _kernels: dict = {}
+_tables: dict = {}
 
 
 def _kernel(kind: str, eps: float = 0.0):
-    """The compiled kernel `kind` (norm, gated or join), one per epsilon."""
+    """The compiled kernel `kind` (norm, gated, join or gelu), one per epsilon."""
     if (kind, eps) not in _kernels:
+        if kind == "gelu":
+            tag = hashlib.sha1((_GELU_HEADER + _GELU).encode()).hexdigest()[:10]
+            _kernels[(kind, eps)] = mx.fast.cuda_kernel(
+                name=f"calib_gelu_{tag}", input_names=["x", "tbl"], output_names=["out"],
+                source=_GELU, header=_GELU_HEADER, shared_memory=_TABLE_BYTES,
+            )  # fmt: skip
+            return _kernels[(kind, eps)]
         if kind == "join":
             body, inputs, outputs = _JOIN, ["q1", "q2", "k1", "k2", "v1", "v2"], ["q", "k", "v"]
         else:
@@ -262,3 +312,33 @@ def joint_tokens(first: tuple, second: tuple) -> tuple[mx.array, mx.array, mx.ar
             output_dtypes=[a.dtype] * 3,
         )
     )
+
+
+def prepare_gelu() -> None:
+    """Build the GELU tables (float16, bfloat16) on the device: each dtype's 65,536 values
+    through MLX's own `gelu`. Called before a step is compiled (nothing can be evaluated inside
+    `mx.compile`'s trace); without its table, `gelu` uses MLX's op."""
+    if not on_cuda() or _tables:
+        return
+    for dtype in (mx.float16, mx.bfloat16):
+        every = mx.arange(65536, dtype=mx.uint32).astype(mx.uint16).view(dtype)
+        _tables[dtype] = nn.gelu(every).view(mx.uint16)
+    mx.eval(list(_tables.values()))
+
+
+def gelu(x: mx.array, act) -> mx.array:
+    """The MLP's activation `act` on x (rows, L, 1, D): the table lookup where `act` is MLX's
+    exact GELU (DiffusionKit's SD3 and FLUX.1 MLPs), x fits and its dtype's table is built;
+    `act(x)` otherwise."""
+    exact = isinstance(act, nn.GELU) and getattr(act, "_approx", None) == "none"
+    table = _tables.get(x.dtype)
+    if not (exact and table is not None and on_cuda() and x.ndim == 4 and x.size % 8 == 0):
+        return act(x)
+    (out,) = _kernel("gelu")(
+        inputs=[x, table],
+        grid=(_BLOCKS * 1024, 1, 1),
+        threadgroup=(1024, 1, 1),
+        output_shapes=[x.shape],
+        output_dtypes=[x.dtype],
+    )
+    return out

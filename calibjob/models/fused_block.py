@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 from diffusionkit.mlx.mmdit import SDPA_FLASH_ATTN_THRESHOLD, RoPE
 
-from calibjob.models.cuda_ops import gated_modulated_norm, joint_tokens, modulated_norm
+from calibjob.models.cuda_ops import gated_modulated_norm, gelu, joint_tokens, modulated_norm
 
 
 def _pre(tb, x: mx.array, mods: mx.array):
@@ -35,6 +35,11 @@ def _pre(tb, x: mx.array, mods: mx.array):
     return q, kk, v, normed
 
 
+def _mlp(mlp, x: mx.array) -> mx.array:
+    """DiffusionKit's `FFN.__call__`, its activation through `cuda_ops.gelu`."""
+    return mlp.fc2(gelu(mlp.fc1(x), mlp.act_fn))
+
+
 def _post(tb, residual: mx.array, out: mx.array, mods: mx.array, normed: mx.array) -> mx.array:
     """`TransformerBlock.post_sdpa`: o_proj, the gated residual, the MLP (sequential: after the
     modulated second norm, fused with the residual update; parallel: on the first norm's
@@ -43,9 +48,9 @@ def _post(tb, residual: mx.array, out: mx.array, mods: mx.array, normed: mx.arra
     p = mx.split(mods, k, axis=-1)
     attention_out = tb.attn.o_proj(out)
     if tb.parallel_mlp:
-        return residual + p[2] * (attention_out + tb.mlp(normed))
+        return residual + p[2] * (attention_out + _mlp(tb.mlp, normed))
     residual, normed2 = gated_modulated_norm(residual, attention_out, mods, k, 2, 3, 4, tb.norm2)
-    return residual + p[5] * tb.mlp(normed2)
+    return residual + p[5] * _mlp(tb.mlp, normed2)
 
 
 def _attention(block, q, k, v, pos) -> mx.array:

@@ -35,6 +35,7 @@ from diffusionkit.mlx.config import PositionalEncoding
 from diffusionkit.mlx.mmdit import RoPE, unpatchify
 
 from calibjob.models import fused_block as fb
+from calibjob.models.cuda_ops import prepare_gelu
 
 
 class ModulationSlot:
@@ -159,7 +160,8 @@ class Pieces:
 
     - `head(x_in, cond) -> state`: x_in (rows, H, W, C) in the activation dtype, cond
       (rows, L, 1, D); state is (h, c), image then text tokens (after SD3's last joint
-      block (h,): its text stream is dropped);
+      block (h,): its text stream is dropped); the same as (`image_in(x_in)`, `text_in(cond)`),
+      kept apart because the text tokens' embedding is the same at every step of a unit;
     - `blocks[i](*state, *mods, *extra) -> state`, taking the modulation parameters of the
       modules `block_modules[i]` (indices into `modulated_modules`) and `extra` (the RoPE
       tables where the model has them); after the first unified block the state is (u,);
@@ -169,6 +171,8 @@ class Pieces:
     """
 
     head: Callable
+    image_in: Callable
+    text_in: Callable
     blocks: list[Callable]
     block_modules: list[tuple[int, ...]]
     names: list[tuple[str, ...]]
@@ -191,6 +195,8 @@ def forward_pieces(
     `batch` times). `slots` in `modulated_modules` order. `fused`: the blocks of
     `fused_block` (the same numbers off CUDA; single kernels for the token passes on CUDA)."""
     config = mmdit.config
+    if fused:
+        prepare_gelu()
     t_key = mx.array([0.0])  # the slots ignore the key; the blocks only call .item() on it
     mx.eval(t_key)
     rep = (lambda m: m) if batch == 1 else (lambda m: mx.repeat(m, batch, axis=0))
@@ -200,12 +206,15 @@ def forward_pieces(
     unified = getattr(mmdit, "unified_transformer_blocks", None) or []
     hidden = config.hidden_size
 
-    def head(x_in, cond):
-        c = mmdit.context_embedder(cond)
+    def image_in(x_in):
         h = mmdit.x_embedder(x_in)
         if hasattr(mmdit, "x_pos_embedder"):
             h = h + mmdit.x_pos_embedder(x_in)
-        return h.reshape(rows, -1, 1, hidden), c
+        return h.reshape(rows, -1, 1, hidden)
+
+    def head(x_in, cond):
+        c = mmdit.context_embedder(cond)
+        return image_in(x_in), c
 
     def joint_fn(i: int):
         block, s_img, s_txt = joint[i], slots[2 * i], slots[2 * i + 1]
@@ -274,7 +283,7 @@ def forward_pieces(
     names = [(f"mm_{i:02d}_img", f"mm_{i:02d}_txt") for i in range(n)] + [
         (f"uni_{i:02d}",) for i in range(len(unified))
     ]
-    return Pieces(head, blocks, block_modules, names, tail, extra)
+    return Pieces(head, image_in, mmdit.context_embedder, blocks, block_modules, names, tail, extra)
 
 
 def forward(
