@@ -8,13 +8,12 @@ one stage left out or changed, timed in one process (SD3-2b shapes, random float
 Variants of the unit: `generic` (the job's step), `no-attention` (the attention's output
 replaced by v: what attention costs), `no-layernorm` (layer norms as identity: what they cost),
 `one-graph` (the whole step as one compiled graph rather than one per block: what the segment
-boundaries cost), `eager`, `fused` (the job's fused step: models/fused_block.py with
-models/cuda_ops.py's kernels; `fused-segN`: in segments of N blocks, 0 = one graph per step;
-`fused-mlx-gelu`: with MLX's own GELU rather than the table, what the table buys;
-`fused-lut-global`: the table read through the cache (bench/gelu_lut.py) rather than from shared
-memory; `fused-join-blc`: the join written token-major and attention reading transposed views of
-it, as before the join wrote heads-first). Each line also gives the share of the unit's wall
-time the host spent waiting on the device: near 100% means the device is the limit. Run with
+boundaries cost), `eager`, `fused` (the job's fused step:
+models/fused_block.py with models/cuda_ops.py's kernels; `fused-segN`: in segments of N
+blocks, 0 = one graph per step; `fused-mlx-gelu`: with MLX's own GELU rather than the table,
+what the table buys; `fused-lut-global`: the table read through the cache (bench/gelu_lut.py)
+rather than from shared memory). Each line also gives the share of the unit's wall time the
+host spent waiting on the device: near 100% means the device is the limit. Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain. So were
 the MLP's GELU as one CUDA kernel (`fused-mlx-gelu`, commit 7fc3685 with its fit check let
@@ -121,7 +120,7 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
     real_ln = mx.fast.layer_norm
     from calibjob.models import fused_block
 
-    real_gelu, real_join = fused_block.gelu, fused_block.joint_tokens
+    real_gelu = fused_block.gelu
     for name in [v for v in args.variants.split(",") if v]:
         kw = {"compile": name != "eager", "fused": name.startswith("fused")}
         if name == "one-graph":
@@ -133,8 +132,6 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
                 blk.sdpa = lambda q, k, v, scale=None, **_: v
         if name == "fused-mlx-gelu":
             fused_block.gelu = lambda x, act: act(x)
-        if name == "fused-join-blc":
-            fused_block.joint_tokens = join_blc
         if name == "fused-lut-global":
             fused_block.gelu = lut_global_gelu()
         if name == "no-layernorm":
@@ -148,7 +145,6 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
                 blk.sdpa = f
             mx.fast.layer_norm = real_ln
             fused_block.gelu = real_gelu
-            fused_block.joint_tokens = real_join
         units[name] = ms
         print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s); the "
               f"host waited {waited:.0%} of the time", flush=True)
@@ -157,16 +153,6 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
         for name, ms in units.items():
             print(f"  {name:<14}{ms:7.2f}  {ms - g:+.2f} vs generic", flush=True)
     return units
-
-
-def join_blc(first, second, heads):
-    """The join as (B, L, 1, C) and attention's q/k/v as transposed views of it (the fused
-    step before the join wrote heads-first)."""
-    from calibjob.models import cuda_ops
-
-    joined = cuda_ops.joint_tokens(first, second)
-    b, n = joined[0].shape[:2]
-    return tuple(j.reshape(b, n, heads, -1).transpose(0, 2, 1, 3) for j in joined)
 
 
 def lut_global_gelu():

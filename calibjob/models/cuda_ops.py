@@ -9,8 +9,7 @@ copies that slice each adaLN parameter out of the block's modulation row. Here:
 - `modulated_norm`: layer_norm(x) * (1 + scale) + shift in one pass, the shift and scale read
   straight from the block's modulation (rows, 1, 1, k*D) by chunk index;
 - `gated_modulated_norm`: r = x + y * gate, then the modulated norm of r; both returned;
-- `joint_tokens`: the two streams' q, k and v joined along the tokens in one kernel, written
-  heads-first for attention;
+- `joint_tokens`: the two streams' q, k and v joined along the tokens in one kernel;
 - `gelu`: the MLP's GELU as a table lookup. MLX's fused GELU (erf, every op rounded) is bound by
   its instructions at ~2 TB/s (0.52 ms per trajectory-step, the largest pass left); a 2-byte
   dtype has 65,536 values, so the function is a 128 KB table made by MLX's own `gelu` on the
@@ -148,8 +147,7 @@ _LOAD_GATED = """
 """
 
 # q, k, v of two streams joined along the tokens: thread i copies 16 bytes of each. Template:
-# T, C (channels), H (heads: the output is (B, H, L, C/H), attention's layout; 0: (B, L, 1, C));
-# the batch and the two streams' token counts come from the shapes.
+# T, C (channels); the batch and the two streams' token counts come from the shapes.
 _JOIN = """
   constexpr int V = 16 / sizeof(T);  // elements per 16 bytes
   constexpr int CV = C / V;
@@ -160,11 +158,7 @@ _JOIN = """
   const int t = (i / CV) % (L1 + L2);
   const int c = (i % CV) * V;
   const size_t src = t < L1 ? (row * L1 + t) * C + c : (row * L2 + (t - L1)) * C + c;
-  size_t dst = i * V;
-  if (H > 0) {
-    constexpr int DH = C / (H > 0 ? H : 1);
-    dst = ((row * H + c / DH) * (L1 + L2) + t) * DH + c % DH;
-  }
+  const size_t dst = i * V;
   const uint4* a;
   a = reinterpret_cast<const uint4*>((t < L1 ? q1 : q2) + src);
   reinterpret_cast<uint4*>(q + dst)[0] = a[0];
@@ -173,7 +167,6 @@ _JOIN = """
   a = reinterpret_cast<const uint4*>((t < L1 ? v1 : v2) + src);
   reinterpret_cast<uint4*>(v + dst)[0] = a[0];
 """
-
 
 # out = table[x] for every 2-byte element: the table (65,536 entries, 128 KB) copied into the
 # block's shared memory, then the blocks (one per multiprocessor) stride over x 16 bytes a
@@ -298,29 +291,21 @@ def gated_modulated_norm(
     return r, out
 
 
-def joint_tokens(
-    first: tuple, second: tuple, heads: int = 0
-) -> tuple[mx.array, mx.array, mx.array]:
+def joint_tokens(first: tuple, second: tuple) -> tuple[mx.array, mx.array, mx.array]:
     """(q, k, v) of two streams, each (B, L, 1, C), joined along the tokens: first's, then
-    second's (`mx.concatenate(..., axis=1)` of each). With `heads`, each as (B, heads, L,
-    C/heads), the layout attention reads: on CUDA the join writes it (cuDNN's attention then
-    gets contiguous heads rather than a transposed view); elsewhere a view of the join."""
+    second's (`mx.concatenate(..., axis=1)` of each)."""
     a = first[0]
     same = all(t.shape[0] == a.shape[0] and t.shape[2:] == a.shape[2:] for t in first + second)
+    if not (_tokens_fit(a) and same and a.dtype == second[0].dtype):
+        return tuple(mx.concatenate([f, s], axis=1) for f, s in zip(first, second, strict=True))
     b, l1, l2, c = a.shape[0], a.shape[1], second[0].shape[1], a.shape[-1]
-    fits = _tokens_fit(a) and same and a.dtype == second[0].dtype
-    if not (fits and (heads == 0 or (c % heads == 0 and (c // heads) % 8 == 0))):
-        joined = (mx.concatenate([f, s], axis=1) for f, s in zip(first, second, strict=True))
-        if heads == 0:
-            return tuple(joined)
-        return tuple(j.reshape(b, l1 + l2, heads, -1).transpose(0, 2, 1, 3) for j in joined)
     n = b * (l1 + l2) * c // 8
-    shape = (b, l1 + l2, 1, c) if heads == 0 else (b, heads, l1 + l2, c // heads)
+    shape = (b, l1 + l2, 1, c)
     inputs = [first[0], second[0], first[1], second[1], first[2], second[2]]
     return tuple(
         _kernel("join")(
             inputs=inputs,
-            template=[("T", a.dtype), ("C", c), ("H", heads)],
+            template=[("T", a.dtype), ("C", c)],
             grid=((n + 255) // 256 * 256, 1, 1),
             threadgroup=(256, 1, 1),
             output_shapes=[shape] * 3,

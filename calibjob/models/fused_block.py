@@ -4,10 +4,10 @@ post_sdpa` and `FinalLayer`, with the passes over the tokens that MLX cannot fus
 `cuda_ops` (one kernel each on CUDA, DiffusionKit's own ops elsewhere).
 
 Two layout changes, neither of which changes a number: q/k/v stay (B, L, 1, C) until both
-streams are joined, and the join writes them as (B, heads, L, head_dim) for attention (on CUDA;
-a view elsewhere; DiffusionKit transposes each stream to heads and back first); the q/k norm
-(SD3.5, FLUX.1) normalises the same rows as (B, L, heads, head_dim). Each block takes its
-modulation rows directly rather than through a `ModulationSlot`.
+streams are joined, and only then become (B, heads, L, head_dim) views for attention (DiffusionKit
+transposes each stream to heads and back first); the q/k norm (SD3.5, FLUX.1) normalises the
+same rows as (B, L, heads, head_dim). Each block takes its modulation rows directly rather than
+through a `ModulationSlot`.
 """
 
 from __future__ import annotations
@@ -53,24 +53,23 @@ def _post(tb, residual: mx.array, out: mx.array, mods: mx.array, normed: mx.arra
     return residual + p[5] * _mlp(tb.mlp, normed2)
 
 
-def _heads(block, t: mx.array) -> mx.array:
-    """(B, L, 1, C) as (B, heads, L, head_dim), a view."""
-    return t.reshape(t.shape[0], -1, block.config.num_heads, block.per_head_dim).transpose(
-        0, 2, 1, 3
-    )
-
-
 def _attention(block, q, k, v, pos) -> mx.array:
-    """Joint attention over (B, heads, L, head_dim) q/k/v (RoPE first where the model has it),
-    output (B, L, 1, C)."""
+    """Joint attention over (B, L, 1, C) q/k/v (RoPE first where the model has it), output
+    (B, L, 1, C)."""
     config = block.config
+    b, heads, dh = q.shape[0], config.num_heads, block.per_head_dim
+
+    def to_heads(t):
+        return t.reshape(b, -1, heads, dh).transpose(0, 2, 1, 3)
+
+    q, k, v = to_heads(q), to_heads(k), to_heads(v)
     if pos is not None:
         q, k = RoPE.apply(q, pos), RoPE.apply(k, pos)
     extra = {}
     if config.low_memory_mode:
         extra["memory_efficient_threshold"] = SDPA_FLASH_ATTN_THRESHOLD
-    o = block.sdpa(q=q, k=k, v=v, scale=1.0 / np.sqrt(block.per_head_dim), **extra)
-    return o.transpose(0, 2, 1, 3).reshape(q.shape[0], -1, 1, config.hidden_size)
+    o = block.sdpa(q=q, k=k, v=v, scale=1.0 / np.sqrt(dh), **extra)
+    return o.transpose(0, 2, 1, 3).reshape(b, -1, 1, config.hidden_size)
 
 
 def joint_block(block, h, c, m_img, m_txt, pos=None):
@@ -81,8 +80,7 @@ def joint_block(block, h, c, m_img, m_txt, pos=None):
     qt, kt, vt, nt = _pre(tb, c, m_txt)
     text_first = block.config.depth_unified > 0  # FLUX.1 joins text first, SD3 image first
     img, txt = (qi, ki, vi), (qt, kt, vt)
-    heads = block.config.num_heads
-    q, k, v = joint_tokens(txt, img, heads) if text_first else joint_tokens(img, txt, heads)
+    q, k, v = joint_tokens(txt, img) if text_first else joint_tokens(img, txt)
     o = _attention(block, q, k, v, pos)
     li, lt = h.shape[1], c.shape[1]
     o_img, o_txt = (o[:, lt:], o[:, :lt]) if text_first else (o[:, :li], o[:, -lt:])
@@ -95,8 +93,7 @@ def unified_block(block, u, m, pos=None):
     """`UnifiedTransformerBlock.__call__` (its fc2 bias already zeroed by `pieces.prepare`)."""
     tb = block.transformer_block
     q, k, v, normed = _pre(tb, u, m)
-    out = _attention(block, _heads(block, q), _heads(block, k), _heads(block, v), pos)
-    return _post(tb, u, out, m, normed)
+    return _post(tb, u, _attention(block, q, k, v, pos), m, normed)
 
 
 def final_layer(layer, h, m) -> mx.array:
