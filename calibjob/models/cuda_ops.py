@@ -63,22 +63,6 @@ __device__ inline void store8(T* p, const T* v) {
     for (int j = 0; j < 8; ++j) p[j] = v[j];
   }
 }
-// 8 consecutive elements as they are (one 16-byte load where p is 16-byte aligned)
-template <typename T>
-__device__ inline uint4 load_raw(const T* p) {
-  if ((reinterpret_cast<unsigned long long>(p) & 15) == 0)
-    return *reinterpret_cast<const uint4*>(p);
-  uint4 u;
-  T* e = reinterpret_cast<T*>(&u);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) e[j] = p[j];
-  return u;
-}
-// element j of 8 packed T, as float
-template <typename T>
-__device__ inline float at(const uint4& u, int j) {
-  return static_cast<float>(reinterpret_cast<const T*>(&u)[j]);
-}
 __device__ inline float warp_sum(float s) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
@@ -91,7 +75,7 @@ __device__ inline float warp_sum(float s) {
 # channels l, l + 32, ... in registers. Template: T, D (channels), K (chunks of the modulation
 # row), SHIFT, SCALE (and GATE) chunk indices; the batch and token counts are read at run time
 # from x's shape, so one compiled kernel serves every batch size (NVRTC takes seconds a kernel).
-# LOAD fills raw[p], chunk p of the row (and writes the residual where there is one).
+# LOAD fills v[PER * 8] from the row (and writes the residual where there is one).
 _NORM = """
   constexpr int PER = (D / 8 + 31) / 32;
   const int L = x_shape[1];  // tokens per model row
@@ -101,28 +85,26 @@ _NORM = """
   if (row >= N) return;
   const size_t base = (size_t)row * D;
   const T* mrow = mods + (size_t)(row / L) * K * D;  // this model row's modulation
-  uint4 raw[PER];  // the row's values as T, 8 a chunk (half the registers of floats)
+  float v[PER * 8];
 #pragma unroll
   for (int p = 0; p < PER; ++p) {
     const int c = (p * 32 + lane) * 8;
-    raw[p] = make_uint4(0, 0, 0, 0);  // T's zero: adds nothing to the sums below
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[p * 8 + j] = 0.f;
     if (c < D) {
       LOAD
     }
   }
   float s = 0.f;
 #pragma unroll
-  for (int i = 0; i < PER * 8; ++i) s += calib::at<T>(raw[i / 8], i % 8);
+  for (int i = 0; i < PER * 8; ++i) s += v[i];
   const float mean = calib::warp_sum(s) / D;
   float q = 0.f;
 #pragma unroll
   for (int p = 0; p < PER; ++p) {
     if ((p * 32 + lane) * 8 < D) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float d = calib::at<T>(raw[p], j) - mean;
-        q += d * d;
-      }
+      for (int j = 0; j < 8; ++j) q += (v[p * 8 + j] - mean) * (v[p * 8 + j] - mean);
     }
   }
   const float rstd = rsqrtf(calib::warp_sum(q) / D + EPS);
@@ -136,7 +118,7 @@ _NORM = """
       alignas(16) T o[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        T n = static_cast<T>((calib::at<T>(raw[p], j) - mean) * rstd);
+        T n = static_cast<T>((v[p * 8 + j] - mean) * rstd);
         T g = static_cast<T>(1.f + sc[j]);
         T m = static_cast<T>(static_cast<float>(n) * static_cast<float>(g));
         o[j] = static_cast<T>(static_cast<float>(m) + sh[j]);
@@ -146,7 +128,7 @@ _NORM = """
   }
 """
 
-_LOAD_PLAIN = "raw[p] = calib::load_raw(x + base + c);"
+_LOAD_PLAIN = "calib::load8(x + base + c, v + p * 8);"
 
 # r = x + y * gate, each op rounded to T as the separate ops round; r is written, then normed
 _LOAD_GATED = """
@@ -159,8 +141,8 @@ _LOAD_GATED = """
       for (int j = 0; j < 8; ++j) {
         T t = static_cast<T>(yv[j] * gv[j]);
         r[j] = static_cast<T>(xv[j] + static_cast<float>(t));
+        v[p * 8 + j] = static_cast<float>(r[j]);
       }
-      raw[p] = *reinterpret_cast<const uint4*>(r);
       calib::store8(res + base + c, r);
 """
 
