@@ -15,12 +15,12 @@ what the table buys; `fused-lut-global`: the table read through the cache (bench
 rather than from shared memory). Each line also gives the share of the unit's wall time the
 host spent waiting on the device: near 100% means the device is the limit. Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
-q/k/v fused into one product per stream was a variant too (commit 23a4716): no gain. So were
-the MLP's GELU as one CUDA kernel (`fused-mlx-gelu`, commit 7fc3685 with its fit check let
-past 4096 channels: its kernel 132 against MLX's 145 us a call, the unit unchanged; the GELU
-is now a table lookup instead) and the
-o-projection on (B, L, C) views of the attention output (`fused-o-copy`, commit 6364f63: the
-copy stayed).
+Variants tried and removed with their code (README, "Performance"): q/k/v as one product per
+stream (commit 23a4716, no gain); the GELU as one kernel doing MLX's ops in one pass (commit
+7fc3685: 132 against MLX's 145 us a call, the unit unchanged); the o-projection on (B, L, C)
+views of the attention output (`fused-o-copy`, commit 6364f63: the copy stayed); the join
+writing q/k/v heads-first (commit 7f6ab75, compared by its variant `fused-join-blc`: slower); the
+norm kernels holding a row in fp16 registers (commit 47f1165: slower alone, the unit unchanged).
 """
 
 from __future__ import annotations
