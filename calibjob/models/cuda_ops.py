@@ -170,8 +170,8 @@ _JOIN = """
 
 # out = table[x] for every 2-byte element: the table (65,536 entries, 128 KB) copied into the
 # block's shared memory, then the blocks (one per multiprocessor) stride over x 16 bytes a
-# load, two loads in flight per thread. The count comes from the shape: all of x, a multiple of
-# 8 elements (the caller checks).
+# load, two loads in flight per thread. The count comes from the shape: all of x, rows of a
+# multiple of 8 elements (the caller checks).
 _GELU = """
   extern __shared__ unsigned short table[];
   for (int k = threadIdx.x; k < 65536 / 8; k += blockDim.x)
@@ -202,8 +202,8 @@ __device__ inline uint4 look(const unsigned short* table, uint4 u) {
 }  // namespace calib
 """
 _TABLE_BYTES = 65536 * 2
-_BLOCKS = 132  # an H100's or H200's multiprocessors, one 1024-thread block each (the loop
-# covers any other count)
+# one 1024-thread block per multiprocessor of an H100 or H200 (the loop covers any other count)
+_BLOCKS = 132
 
 _kernels: dict = {}
 _tables: dict = {}
@@ -332,7 +332,8 @@ def gelu(x: mx.array, act) -> mx.array:
     `act(x)` otherwise."""
     exact = isinstance(act, nn.GELU) and getattr(act, "_approx", None) == "none"
     table = _tables.get(x.dtype)
-    if not (exact and table is not None and on_cuda() and x.ndim == 4 and x.size % 8 == 0):
+    # whole chunks of 8 per row, so every row starts 16-byte aligned
+    if not (exact and table is not None and on_cuda() and x.ndim == 4 and x.shape[-1] % 8 == 0):
         return act(x)
     (out,) = _kernel("gelu")(
         inputs=[x, table],
