@@ -48,7 +48,7 @@ def check(rows: int = 26, tokens: int = 845, d: int = 1536, eps: float = 1e-6,
     join = max(rel(j, mx.concatenate([a[i], a[3 + i]], axis=1)) for i, j in enumerate(joined))
     cuda_ops.prepare_gelu()
     act, gelu = nn.GELU(), cuda_ops.gelu
-    every = mx.arange(65536, dtype=mx.uint32).astype(mx.uint16).view(dtype).reshape(1, -1, 1, 8)
+    every = every_value(dtype)
     h = mx.random.normal((rows, tokens, 1, 4 * d)).astype(dtype) * 2
     lut = gelu(h, act)
     return {"modulated_norm": rel(cuda_ops.modulated_norm(x, mods, 6, 3, 4, norm), ref),
@@ -58,6 +58,11 @@ def check(rows: int = 26, tokens: int = 845, d: int = 1536, eps: float = 1e-6,
             "gelu_activations_not_bit_equal": not_equal(lut, act(h)),
             "gelu_activations_not_bit_equal_compiled": not_equal(lut, mx.compile(act)(h)),
             }  # fmt: skip
+
+
+def every_value(dtype) -> mx.array:
+    """All 65,536 values of a 2-byte dtype, as (1, 8192, 1, 8)."""
+    return mx.arange(65536, dtype=mx.uint32).astype(mx.uint16).view(dtype).reshape(1, -1, 1, 8)
 
 
 def not_equal(a: mx.array, b: mx.array) -> int:

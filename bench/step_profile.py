@@ -161,13 +161,13 @@ def lut_global_gelu():
 
     from calibjob.models import cuda_ops
 
-    kernel = gelu_lut.kernels(only="lut-global")["lut-global"]
+    kernel = gelu_lut.global_kernel()
 
     def gelu(x, act):
         table = cuda_ops._tables.get(x.dtype)
         if table is None or x.ndim != 4 or x.size % 8:
             return act(x)
-        return gelu_lut.run("lut-global", kernel, x, table)
+        return gelu_lut.run_global(kernel, x, table)
 
     return gelu
 
