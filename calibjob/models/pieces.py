@@ -160,8 +160,9 @@ class Pieces:
 
     - `head(x_in, cond) -> state`: x_in (rows, H, W, C) in the activation dtype, cond
       (rows, L, 1, D); state is (h, c), image then text tokens (after SD3's last joint
-      block (h,): its text stream is dropped); the same as (`image_in(x_in)`, `text_in(cond)`),
-      kept apart because the text tokens' embedding is the same at every step of a unit;
+      block (h,): its text stream is dropped); h is `image_in(x_in)`, kept apart because c,
+      `mmdit.context_embedder(cond)`, is the same at every step of a unit (the engine
+      computes it once);
     - `blocks[i](*state, *mods, *extra) -> state`, taking the modulation parameters of the
       modules `block_modules[i]` (indices into `modulated_modules`) and `extra` (the RoPE
       tables where the model has them); after the first unified block the state is (u,);
@@ -172,7 +173,6 @@ class Pieces:
 
     head: Callable
     image_in: Callable
-    text_in: Callable
     blocks: list[Callable]
     block_modules: list[tuple[int, ...]]
     names: list[tuple[str, ...]]
@@ -213,8 +213,7 @@ def forward_pieces(
         return h.reshape(rows, -1, 1, hidden)
 
     def head(x_in, cond):
-        c = mmdit.context_embedder(cond)
-        return image_in(x_in), c
+        return image_in(x_in), mmdit.context_embedder(cond)
 
     def joint_fn(i: int):
         block, s_img, s_txt = joint[i], slots[2 * i], slots[2 * i + 1]
@@ -283,7 +282,7 @@ def forward_pieces(
     names = [(f"mm_{i:02d}_img", f"mm_{i:02d}_txt") for i in range(n)] + [
         (f"uni_{i:02d}",) for i in range(len(unified))
     ]
-    return Pieces(head, image_in, mmdit.context_embedder, blocks, block_modules, names, tail, extra)
+    return Pieces(head, image_in, blocks, block_modules, names, tail, extra)
 
 
 def forward(
