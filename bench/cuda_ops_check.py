@@ -22,10 +22,11 @@ def check_all() -> dict:
 
 def check(rows: int = 26, tokens: int = 845, d: int = 1536, eps: float = 1e-6,
           dtype=mx.float16) -> dict:  # fmt: skip
-    """Max |kernel - separate ops| in units of the output's largest magnitude, for each kernel
-    of cuda_ops (the join must be exact), and how many GELU outputs differ from MLX's own GELU
-    in any bit (must be 0): every value of the dtype, and the MLP's activations at this width
-    (through `act` and through `act` compiled, as the step runs it)."""
+    """Max |kernel - separate ops| in units of the output's largest magnitude for the norms,
+    and how many outputs differ in any bit (each must be 0) for the rest: the gated norm given
+    y token-major against y batch-major, the post-MLP residual, the join (token-major), and
+    the GELU against MLX's own on every value of the dtype and on the MLP's activations at
+    this width (through `act` and through `act` compiled, as the step runs it)."""
     from diffusionkit.mlx.mmdit import LayerNorm
 
     norm = LayerNorm(d, eps=eps)
@@ -43,9 +44,15 @@ def check(rows: int = 26, tokens: int = 845, d: int = 1536, eps: float = 1e-6,
     r_ref = x + y * g
     m_ref = mx.fast.layer_norm(r_ref, None, None, eps) * (1.0 + sc) + sh
     r, m = cuda_ops.gated_modulated_norm(x, y, mods, 6, 2, 3, 4, norm)
+    yt = mx.contiguous(y.transpose(1, 0, 2, 3)).reshape(-1, d)  # y token-major, as o_proj's
+    rt, mt = cuda_ops.gated_modulated_norm(x, yt, mods, 6, 2, 3, 4, norm)
     a = [mx.random.normal((rows, n, 1, d)).astype(dtype) for n in (256, 589) for _ in "qkv"]
     joined = cuda_ops.joint_tokens(tuple(a[:3]), tuple(a[3:]))
-    join = max(rel(j, mx.concatenate([a[i], a[3 + i]], axis=1)) for i, j in enumerate(joined))
+    join = sum(
+        not_equal(j, mx.concatenate([a[i], a[3 + i]], axis=1).transpose(1, 0, 2, 3))
+        for i, j in enumerate(joined)
+    )
+    g5 = mods[..., 5 * d : 6 * d]
     cuda_ops.prepare_gelu()
     act, gelu = nn.GELU(), cuda_ops.gelu
     every = every_value(dtype)
@@ -53,7 +60,11 @@ def check(rows: int = 26, tokens: int = 845, d: int = 1536, eps: float = 1e-6,
     lut = gelu(h, act)
     return {"modulated_norm": rel(cuda_ops.modulated_norm(x, mods, 6, 3, 4, norm), ref),
             "gated_residual": rel(r, r_ref), "gated_modulated_norm": rel(m, m_ref),
-            "joint_tokens": join,
+            "gated, y token-major, not bit-equal to y batch-major": not_equal(rt, r)
+            + not_equal(mt, m),
+            "post-MLP residual not bit-equal": not_equal(
+                cuda_ops.gated_residual(x, y, mods, 6, 5), x + y * g5),
+            "joint_tokens not bit-equal": join,
             "gelu_values_not_bit_equal": not_equal(gelu(every, act), act(every)),
             "gelu_activations_not_bit_equal": not_equal(lut, act(h)),
             "gelu_activations_not_bit_equal_compiled": not_equal(lut, mx.compile(act)(h)),

@@ -12,8 +12,12 @@ boundaries cost), `eager`, `fused` (the job's fused step:
 models/fused_block.py with models/cuda_ops.py's kernels; `fused-segN`: in segments of N
 blocks, 0 = one graph per step; `fused-mlx-gelu`: with MLX's own GELU rather than the table,
 what the table buys; `fused-lut-global`: the table read through the cache (bench/gelu_lut.py)
-rather than from shared memory). Each line also gives the share of the unit's wall time the
-host spent waiting on the device: near 100% means the device is the limit. Run with
+rather than from shared memory; `fused-normCH.R`: the norm kernels with CH chunks of 8
+channels a thread and R rows a block, `bench/norm_kernels.py`; `fused-mlx-residual`: the
+post-MLP residual as MLX's op rather than `cuda_ops.gated_residual`; `fused-batch-major`:
+q/k/v joined batch-major, so each stream's attention output is copied for its o-projection).
+Each line also gives the share of the unit's wall time the host spent waiting on the device:
+near 100% means the device is the limit. Run with
 MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
 Variants tried and removed with their code (README, "Performance"): q/k/v as one product per
 stream (commit 23a4716, no gain); the GELU as one kernel doing MLX's ops in one pass (commit
@@ -121,6 +125,10 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
     from calibjob.models import fused_block
 
     real_gelu = fused_block.gelu
+    real_residual, real_joint = fused_block.gated_residual, fused_block._joint_attention
+    from calibjob.models import cuda_ops
+
+    real_layout = dict(cuda_ops.NORM_LAYOUT)
     for name in [v for v in args.variants.split(",") if v]:
         kw = {"compile": name != "eager", "fused": name.startswith("fused")}
         if name == "one-graph":
@@ -134,6 +142,15 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
             fused_block.gelu = lambda x, act: act(x)
         if name == "fused-lut-global":
             fused_block.gelu = lut_global_gelu()
+        if name.startswith("fused-norm"):  # fused-normCH.R: the norm kernels' layout
+            ch, r = name.removeprefix("fused-norm").split(".")
+            cuda_ops.NORM_LAYOUT.update(CH=int(ch), R=int(r))
+        if name == "fused-mlx-residual":
+            fused_block.gated_residual = (
+                lambda x, y, mods, k, gate: x + y * mx.split(mods, k, axis=-1)[gate]
+            )
+        if name == "fused-batch-major":
+            fused_block._joint_attention = batch_major_attention
         if name == "no-layernorm":
             mx.fast.layer_norm = lambda x, weight=None, bias=None, eps=None: (
                 x if weight is None else x * weight + bias
@@ -145,6 +162,8 @@ def variants(mmdit, model, cfg, cs, cp, args) -> dict:
                 blk.sdpa = f
             mx.fast.layer_norm = real_ln
             fused_block.gelu = real_gelu
+            fused_block.gated_residual, fused_block._joint_attention = real_residual, real_joint
+            cuda_ops.NORM_LAYOUT.update(real_layout)
         units[name] = ms
         print(f"unit {name}: {ms:.2f} ms per trajectory-step (first run {first:.1f} s); the "
               f"host waited {waited:.0%} of the time", flush=True)
@@ -170,6 +189,20 @@ def lut_global_gelu():
         return gelu_lut.run_global(kernel, x, table)
 
     return gelu
+
+
+def batch_major_attention(block, first: tuple, second: tuple, pos):
+    """`fused_block._joint_attention` as session 9 had it: the tokens joined batch-major, so
+    that each stream's part of the attention output is strided and copied for its
+    o-projection."""
+    from norm_kernels import join
+
+    from calibjob.models import fused_block
+
+    q, k, v = join(first, second, by_token=False)
+    o = fused_block._attention(block, q, k, v, pos)
+    l1 = first[0].shape[1]
+    return o[:, :l1], o[:, l1:]
 
 
 def distances(model, cfg, cs, cp, args) -> dict:

@@ -71,46 +71,65 @@ __device__ inline float warp_sum(float s) {
 }  // namespace calib
 """
 
-# One warp per token row (8 rows per block of 256 threads); lane l holds the row's chunks of 8
-# channels l, l + 32, ... in registers. Template: T, D (channels), K (chunks of the modulation
-# row), SHIFT, SCALE (and GATE) chunk indices; the batch and token counts are read at run time
-# from x's shape, so one compiled kernel serves every batch size (NVRTC takes seconds a kernel).
-# LOAD fills v[PER * 8] from the row (and writes the residual where there is one).
+# A block of R rows, TPR threads a row (TPR = D / 8 / CH rounded up to whole warps): thread t
+# holds the row's chunks of 8 channels t, t + TPR, ... (CH of them) in registers; the row's sums
+# go warp by warp through shared memory. Few registers a thread and many threads a row keep
+# enough loads in flight to stream the tokens near the memory's rate. Template: T, D
+# (channels), K (chunks of the modulation row), SHIFT, SCALE (and GATE) chunk indices, CH, R,
+# YBT (the gated kernel's y given token-major: row t * B + b for model row b's token t); the
+# batch and token counts are read at run time from x's shape, so one compiled kernel serves
+# every batch size (NVRTC takes seconds a kernel). LOAD fills v[CH * 8] from the row (and
+# writes the residual where there is one).
 _NORM = """
-  constexpr int PER = (D / 8 + 31) / 32;
+  constexpr int TPR = ((D / 8 + CH - 1) / CH + 31) / 32 * 32;
+  constexpr int NW = TPR / 32;
+  __shared__ float part[2][R][NW];
   const int L = x_shape[1];  // tokens per model row
-  const int N = x_shape[0] * L;  // token rows in all
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * 8 + (threadIdx.x >> 5);
-  if (row >= N) return;
+  const int B = x_shape[0];
+  const int t = threadIdx.x, r = threadIdx.y;
+  const int row = blockIdx.x * R + r;
+  const bool live = row < B * L;
   const size_t base = (size_t)row * D;
-  const T* mrow = mods + (size_t)(row / L) * K * D;  // this model row's modulation
-  float v[PER * 8];
+  const T* mrow = mods + (size_t)(live ? row / L : 0) * K * D;  // this model row's modulation
+  float v[CH * 8];
 #pragma unroll
-  for (int p = 0; p < PER; ++p) {
-    const int c = (p * 32 + lane) * 8;
+  for (int p = 0; p < CH; ++p) {
+    const int c = (p * TPR + t) * 8;
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[p * 8 + j] = 0.f;
-    if (c < D) {
+    if (live && c < D) {
       LOAD
     }
   }
   float s = 0.f;
 #pragma unroll
-  for (int i = 0; i < PER * 8; ++i) s += v[i];
-  const float mean = calib::warp_sum(s) / D;
+  for (int i = 0; i < CH * 8; ++i) s += v[i];
+  s = calib::warp_sum(s);
+  if ((t & 31) == 0) part[0][r][t >> 5] = s;
+  __syncthreads();
+  s = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) s += part[0][r][w];
+  const float mean = s / D;
   float q = 0.f;
 #pragma unroll
-  for (int p = 0; p < PER; ++p) {
-    if ((p * 32 + lane) * 8 < D) {
+  for (int p = 0; p < CH; ++p) {
+    if ((p * TPR + t) * 8 < D) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) q += (v[p * 8 + j] - mean) * (v[p * 8 + j] - mean);
     }
   }
-  const float rstd = rsqrtf(calib::warp_sum(q) / D + EPS);
+  q = calib::warp_sum(q);
+  if ((t & 31) == 0) part[1][r][t >> 5] = q;
+  __syncthreads();
+  q = 0.f;
 #pragma unroll
-  for (int p = 0; p < PER; ++p) {
-    const int c = (p * 32 + lane) * 8;
+  for (int w = 0; w < NW; ++w) q += part[1][r][w];
+  const float rstd = rsqrtf(q / D + EPS);
+  if (!live) return;
+#pragma unroll
+  for (int p = 0; p < CH; ++p) {
+    const int c = (p * TPR + t) * 8;
     if (c < D) {
       float sc[8], sh[8];
       calib::load8(mrow + SCALE * D + c, sc);
@@ -133,8 +152,9 @@ _LOAD_PLAIN = "calib::load8(x + base + c, v + p * 8);"
 # r = x + y * gate, each op rounded to T as the separate ops round; r is written, then normed
 _LOAD_GATED = """
       float xv[8], yv[8], gv[8];
+      const size_t yrow = YBT ? (size_t)(row % L) * B + row / L : (size_t)row;
       calib::load8(x + base + c, xv);
-      calib::load8(y + base + c, yv);
+      calib::load8(y + yrow * D + c, yv);
       calib::load8(mrow + GATE * D + c, gv);
       alignas(16) T r[8];
 #pragma unroll
@@ -146,16 +166,52 @@ _LOAD_GATED = """
       calib::store8(res + base + c, r);
 """
 
-# q, k, v of two streams joined along the tokens: thread i copies 16 bytes of each. Template:
-# T, C (channels); the batch and the two streams' token counts come from the shapes.
+# r = x + y * gate alone (a block's residual update after its MLP), rounded as the separate
+# ops round: thread i takes chunks of 8 i, i + S, ... (CH of them, S = all chunks / CH, loads
+# first). Template: T, D, K, GATE, CH.
+_RESIDUAL = """
+  const size_t n = (size_t)x_shape[0] * x_shape[1] * (D / 8);  // chunks in all
+  const size_t S = (n + CH - 1) / CH;
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int L = x_shape[1];
+  float xv[CH][8], yv[CH][8], gv[CH][8];
+#pragma unroll
+  for (int p = 0; p < CH; ++p) {
+    const size_t k = i + p * S;
+    if (k < n) {
+      const size_t row = k / (D / 8);
+      const int c = (k % (D / 8)) * 8;
+      calib::load8(x + row * D + c, xv[p]);
+      calib::load8(y + row * D + c, yv[p]);
+      calib::load8(mods + (row / L) * K * D + GATE * D + c, gv[p]);
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < CH; ++p) {
+    const size_t k = i + p * S;
+    if (k < n) {
+      alignas(16) T r[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        T t = static_cast<T>(yv[p][j] * gv[p][j]);
+        r[j] = static_cast<T>(xv[p][j] + static_cast<float>(t));
+      }
+      calib::store8(out + k * 8, r);
+    }
+  }
+"""
+
+# q, k, v of two streams joined along the tokens: thread i copies 16 bytes of each, i in the
+# output's order. Template: T, C (channels), BT (token-major output: (L1 + L2, B, C) rather
+# than (B, L1 + L2, C)); the batch and the two streams' token counts come from the shapes.
 _JOIN = """
   constexpr int V = 16 / sizeof(T);  // elements per 16 bytes
   constexpr int CV = C / V;
-  const int L1 = q1_shape[1], L2 = q2_shape[1];
+  const int B = q1_shape[0], L1 = q1_shape[1], L2 = q2_shape[1];
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (size_t)q1_shape[0] * (L1 + L2) * CV) return;
-  const size_t row = i / ((L1 + L2) * CV);
-  const int t = (i / CV) % (L1 + L2);
+  if (i >= (size_t)B * (L1 + L2) * CV) return;
+  const size_t row = BT ? (i / CV) % B : i / ((size_t)(L1 + L2) * CV);
+  const int t = BT ? i / ((size_t)B * CV) : (i / CV) % (L1 + L2);
   const int c = (i % CV) * V;
   const size_t src = t < L1 ? (row * L1 + t) * C + c : (row * L2 + (t - L1)) * C + c;
   const size_t dst = i * V;
@@ -210,7 +266,7 @@ _tables: dict = {}
 
 
 def _kernel(kind: str, eps: float = 0.0):
-    """The compiled kernel `kind` (norm, gated, join or gelu), one per epsilon."""
+    """The compiled kernel `kind` (norm, gated, residual, join or gelu), one per epsilon."""
     if (kind, eps) not in _kernels:
         if kind == "gelu":
             tag = hashlib.sha1((_GELU_HEADER + _GELU).encode()).hexdigest()[:10]
@@ -221,6 +277,8 @@ def _kernel(kind: str, eps: float = 0.0):
             return _kernels[(kind, eps)]
         if kind == "join":
             body, inputs, outputs = _JOIN, ["q1", "q2", "k1", "k2", "v1", "v2"], ["q", "k", "v"]
+        elif kind == "residual":
+            body, inputs, outputs = _RESIDUAL, ["x", "y", "mods"], ["out"]
         else:
             body = _NORM.replace("LOAD", _LOAD_GATED if kind == "gated" else _LOAD_PLAIN)
             body = body.replace("EPS", f"{float(eps)!r}f")
@@ -237,10 +295,10 @@ def _kernel(kind: str, eps: float = 0.0):
 
 def _tokens_fit(x: mx.array) -> bool:
     """The kernels' layout: (rows, L, 1, D) tokens of a 2-byte dtype, D a multiple of 8,
-    at most 4096 channels (a warp's registers)."""
+    at most 8192 channels (a block of 1024 threads, 8 channels each)."""
     return (
         on_cuda() and x.ndim == 4 and x.shape[2] == 1 and x.shape[-1] % 8 == 0
-        and x.shape[-1] <= 4096 and x.dtype in (mx.float16, mx.bfloat16)
+        and x.shape[-1] <= 8192 and x.dtype in (mx.float16, mx.bfloat16)
     )  # fmt: skip
 
 
@@ -253,17 +311,26 @@ def _norm_fits(x: mx.array, mods: mx.array) -> bool:
     )  # fmt: skip
 
 
-def _norm(kind: str, inputs: list[mx.array], x, mods, chunks: dict, eps: float) -> list:
+# chunks of 8 channels a thread (CH) and token rows a block (R) of the norm kernels
+NORM_LAYOUT = {"CH": 2, "R": 2}
+
+
+def _norm(kind: str, inputs: list[mx.array], x, mods, chunks: dict, eps: float,
+          layout: dict | None = None) -> list:  # fmt: skip
     d, outputs = x.shape[-1], 2 if kind == "gated" else 1
-    n = x.shape[0] * x.shape[1]  # token rows, one warp each, 8 to a block
+    lay = layout or NORM_LAYOUT
+    ch, r = lay["CH"], lay["R"]
+    tpr = (-(-d // 8 // ch) + 31) // 32 * 32  # threads a row, whole warps
+    n = x.shape[0] * x.shape[1]  # token rows, r to a block
     return _kernel(kind, eps)(
         inputs=inputs,
-        template=[("T", x.dtype), ("D", d), ("K", mods.shape[-1] // d), *chunks.items()],
-        grid=((n + 7) // 8 * 256, 1, 1),
-        threadgroup=(256, 1, 1),
+        template=[("T", x.dtype), ("D", d), ("K", mods.shape[-1] // d), *chunks.items(),
+                  ("CH", ch), ("R", r)],
+        grid=((n + r - 1) // r * tpr, r, 1),
+        threadgroup=(tpr, r, 1),
         output_shapes=[x.shape] * outputs,
         output_dtypes=[x.dtype] * outputs,
-    )
+    )  # fmt: skip
 
 
 def modulated_norm(x: mx.array, mods: mx.array, k: int, shift: int, scale: int, norm) -> mx.array:
@@ -276,36 +343,69 @@ def modulated_norm(x: mx.array, mods: mx.array, k: int, shift: int, scale: int, 
     return out
 
 
+def batch_major(y: mx.array, rows: int) -> mx.array:
+    """Token-major rows (L * rows, D) (`joint_tokens`' order) as (rows, L, 1, D)."""
+    return y.reshape(-1, rows, 1, y.shape[-1]).transpose(1, 0, 2, 3)
+
+
 def gated_modulated_norm(
     x: mx.array, y: mx.array, mods: mx.array, k: int, gate: int, shift: int, scale: int, norm
 ) -> tuple[mx.array, mx.array]:
     """r = x + y * gate, and `modulated_norm(r, ...)`: a block's residual update after
     attention and the modulated norm before its MLP, as DiffusionKit's `post_sdpa` computes
-    them. Returns (r, normed)."""
-    if not (_norm_fits(x, mods) and y.shape == x.shape):
+    them. y is x's shape, or 2-D (L * rows, D) in token-major order (`joint_tokens`).
+    Returns (r, normed)."""
+    by_token = y.ndim == 2
+    if not (_norm_fits(x, mods) and y.size == x.size):
         p = mx.split(mods, k, axis=-1)
-        r = x + y * p[gate]
+        r = x + (batch_major(y, x.shape[0]) if by_token else y) * p[gate]
         return r, affine_transform(r, shift=p[shift], residual_scale=p[scale], norm_module=norm)
-    chunks = {"SHIFT": shift, "SCALE": scale, "GATE": gate}
+    chunks = {"SHIFT": shift, "SCALE": scale, "GATE": gate, "YBT": int(by_token)}
     r, out = _norm("gated", [x, y, mods], x, mods, chunks, norm.eps)
     return r, out
 
 
+# chunks of 8 channels a thread of the residual kernel
+RESIDUAL_CHUNKS = 2
+
+
+def gated_residual(x: mx.array, y: mx.array, mods: mx.array, k: int, gate: int) -> mx.array:
+    """x + y * gate, gate being chunk `gate` of the k chunks of `mods` (rows, 1, 1, k*D): a
+    block's residual update after its MLP."""
+    if not (_norm_fits(x, mods) and y.shape == x.shape and y.dtype == x.dtype):
+        return x + y * mx.split(mods, k, axis=-1)[gate]
+    d = x.shape[-1]
+    n = -(-x.size // 8 // RESIDUAL_CHUNKS)  # threads
+    (out,) = _kernel("residual")(
+        inputs=[x, y, mods],
+        template=[("T", x.dtype), ("D", d), ("K", k), ("GATE", gate), ("CH", RESIDUAL_CHUNKS)],
+        grid=((n + 255) // 256 * 256, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[x.shape],
+        output_dtypes=[x.dtype],
+    )
+    return out
+
+
 def joint_tokens(first: tuple, second: tuple) -> tuple[mx.array, mx.array, mx.array]:
-    """(q, k, v) of two streams, each (B, L, 1, C), joined along the tokens: first's, then
-    second's (`mx.concatenate(..., axis=1)` of each)."""
+    """(q, k, v) of two streams, each (B, L, 1, C), joined along the tokens, first's then
+    second's, token-major: (L1 + L2, B, 1, C). One kernel on CUDA; the concatenation and a
+    transposed copy otherwise."""
     a = first[0]
     same = all(t.shape[0] == a.shape[0] and t.shape[2:] == a.shape[2:] for t in first + second)
-    if not (_tokens_fit(a) and same and a.dtype == second[0].dtype):
-        return tuple(mx.concatenate([f, s], axis=1) for f, s in zip(first, second, strict=True))
+    if not (_tokens_fit(a) and same and all(t.dtype == a.dtype for t in first + second)):
+        return tuple(
+            mx.contiguous(mx.concatenate([f, s], axis=1).transpose(1, 0, 2, 3))
+            for f, s in zip(first, second, strict=True)
+        )
     b, l1, l2, c = a.shape[0], a.shape[1], second[0].shape[1], a.shape[-1]
     n = b * (l1 + l2) * c // 8
-    shape = (b, l1 + l2, 1, c)
+    shape = (l1 + l2, b, 1, c)
     inputs = [first[0], second[0], first[1], second[1], first[2], second[2]]
     return tuple(
         _kernel("join")(
             inputs=inputs,
-            template=[("T", a.dtype), ("C", c)],
+            template=[("T", a.dtype), ("C", c), ("BT", 1)],
             grid=((n + 255) // 256 * 256, 1, 1),
             threadgroup=(256, 1, 1),
             output_shapes=[shape] * 3,
