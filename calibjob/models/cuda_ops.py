@@ -312,7 +312,7 @@ def _norm_fits(x: mx.array, mods: mx.array) -> bool:
 
 
 # chunks of 8 channels a thread (CH) and token rows a block (R) of the norm kernels
-NORM_LAYOUT = {"CH": 2, "R": 2}
+NORM_LAYOUT = {"CH": 3, "R": 1}
 
 
 def _norm(kind: str, inputs: list[mx.array], x, mods, chunks: dict, eps: float,
