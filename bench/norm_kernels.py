@@ -7,7 +7,14 @@ outputs differ in any bit from the form it replaces.
     python bench/norm_kernels.py [--json PATH]
 
 SD3-2b's shapes (26 rows: 13 trajectories with CFG; 256 image and 589 text tokens; width 1536,
-float16).
+float16). Measured on an H200 (2026-12-03), us a call, image / text stream: the plain norm 49 /
+79 in session 9's form, 29 / 45 at 3 chunks a thread and one row a block (cuda_ops' layout;
+27-39 / 45-58 over all layouts); the gated norm 47 / 85, then 36 / 64 (35-47 / 64-83); the
+residual 27 / 47 as MLX's compiled op, 28 / 48 as the kernel (which rounds the product as the
+eager ops do; MLX's compiled op differs from them in 5.6% of outputs); the join 120 us
+batch-major, 112 token-major. The new norms differ from session 9's in under 0.01% of outputs (the
+order of the float32 sums). Timed this way each call carries its launch; Nsight Compute times
+the kernels alone (README, "Where the step's time goes").
 """
 
 from __future__ import annotations

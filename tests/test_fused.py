@@ -18,7 +18,7 @@ from calibjob.config import JobConfig, step_compiled
 from calibjob.device import mx, resolve_compile
 from calibjob.engine import Engine
 from calibjob.errors import ConfigError
-from calibjob.models import fused_block, load, tiny
+from calibjob.models import cuda_ops, fused_block, load, tiny
 from calibjob.models.flux import with_key_bias
 from calibjob.models.pieces import forward, modulation_params, prepare
 
@@ -78,6 +78,24 @@ def test_the_comparison_sees_a_misrouted_modulation():
     right, _ = fused_block.joint_block(block, h, c, mods[0], mods[1])
     wrong, _ = fused_block.joint_block(block, h, c, mods[1], mods[1])
     assert np.abs(np.array(right) - np.array(wrong)).max() > 1e-3
+
+
+def test_joint_tokens_are_token_major_first_stream_first():
+    """The join's layout, which the attention's split and the gated norm's token-major y rely
+    on: row (t, b) is model row b's token t, the first stream's tokens first; `batch_major`
+    undoes it."""
+    rng = np.random.default_rng(2)
+    first = tuple(mx.array(rng.standard_normal((2, 3, 1, 8), dtype=np.float32)) for _ in "qkv")
+    second = tuple(mx.array(rng.standard_normal((2, 5, 1, 8), dtype=np.float32)) for _ in "qkv")
+    joined = cuda_ops.joint_tokens(first, second)
+    for j, f, s in zip(joined, first, second, strict=True):
+        j, f, s = np.array(j), np.array(f), np.array(s)
+        assert j.shape == (8, 2, 1, 8)
+        assert np.array_equal(j[:3], f.transpose(1, 0, 2, 3))
+        assert np.array_equal(j[3:], s.transpose(1, 0, 2, 3))
+    rows = joined[0].reshape(-1, 8)  # as the attention output comes: (L * B, C)
+    back = np.array(cuda_ops.batch_major(rows, 2))
+    assert np.array_equal(back, np.concatenate([np.array(first[0]), np.array(second[0])], axis=1))
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
