@@ -17,8 +17,8 @@ channels a thread and R rows a block, `bench/norm_kernels.py`; `fused-mlx-residu
 post-MLP residual as MLX's op rather than `cuda_ops.gated_residual`; `fused-batch-major`:
 q/k/v joined batch-major, so each stream's attention output is copied for its o-projection).
 Each line also gives the share of the unit's wall time the host spent waiting on the device:
-near 100% means the device is the limit. Run with
-MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA graphs add.
+near 100% means the device is the limit. Run with MLX_USE_CUDA_GRAPHS=0 to see what MLX's CUDA
+graphs add.
 Variants tried and removed with their code (README, "Performance"): q/k/v as one product per
 stream (commit 23a4716, no gain); the GELU as one kernel doing MLX's ops in one pass (commit
 7fc3685: 132 against MLX's 145 us a call, the unit unchanged); the o-projection on (B, L, C)

@@ -362,7 +362,7 @@ def gated_modulated_norm(
     them. y is x's shape, or 2-D (L * rows, D) in token-major order (`joint_tokens`).
     Returns (r, normed)."""
     by_token = y.ndim == 2
-    if not (_norm_fits(x, mods) and y.size == x.size):
+    if not (_norm_fits(x, mods) and (y.shape == x.shape or by_token and y.size == x.size)):
         p = mx.split(mods, k, axis=-1)
         r = x + (batch_major(y, x.shape[0]) if by_token else y) * p[gate]
         return r, affine_transform(r, shift=p[shift], residual_scale=p[scale], norm_module=norm)

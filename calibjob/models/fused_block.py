@@ -18,7 +18,6 @@ import numpy as np
 from diffusionkit.mlx.mmdit import SDPA_FLASH_ATTN_THRESHOLD, RoPE
 
 from calibjob.models.cuda_ops import (
-    batch_major,
     gated_modulated_norm,
     gated_residual,
     gelu,
@@ -51,12 +50,11 @@ def _mlp(mlp, x: mx.array) -> mx.array:
 def _post(tb, residual: mx.array, out: mx.array, mods: mx.array, normed: mx.array) -> mx.array:
     """`TransformerBlock.post_sdpa`: o_proj, the gated residual, the MLP (sequential: after the
     modulated second norm, fused with the residual update; parallel: on the first norm's
-    output). `out` is (B, L, 1, C), or token-major rows (L * B, C) (`_joint_attention`)."""
+    output). `out` is a joint block's token-major rows (L * B, C) (`_joint_attention`), or a
+    unified block's (B, L, 1, C); only unified blocks have a parallel MLP in DiffusionKit."""
     k = tb.num_modulation_params
     attention_out = tb.attn.o_proj(out)
     if tb.parallel_mlp:
-        if attention_out.ndim == 2:
-            attention_out = batch_major(attention_out, residual.shape[0])
         p = mx.split(mods, k, axis=-1)
         return residual + p[2] * (attention_out + _mlp(tb.mlp, normed))
     residual, normed2 = gated_modulated_norm(residual, attention_out, mods, k, 2, 3, 4, tb.norm2)
